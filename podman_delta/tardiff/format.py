@@ -33,6 +33,8 @@ MAX_PAYLOAD = 64 << 20
 MAX_WINDOW = 512 << 20
 #: Chunk size used when streaming payloads.
 CHUNK = 1 << 20
+#: Pending literal bytes are written as one DATA op once this many have gathered (as Go does).
+DATA_FLUSH = 4 << 20
 
 
 class Op(enum.IntEnum):
@@ -403,7 +405,7 @@ class DeltaWriter:
     def data(self, payload: bytes | memoryview) -> None:
         """Append literal bytes to the output."""
         self._data += payload
-        if len(self._data) >= 4 * MAX_PAYLOAD:
+        if len(self._data) >= DATA_FLUSH:
             self._flush_data()
 
     def open(self, name: bytes) -> None:

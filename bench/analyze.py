@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Break a podman-delta delta down by new-tar member: which files make it big, and why.
+
+Walks the delta's ops, tracks the output offset, and charges every op to the new-tar member
+whose bytes it produces: DATA bytes inside a member's header blocks count as "header", other
+DATA as "literal", ADD payloads as "add" (bsdiff), ZSTD_DICT frames as "zdict" (already
+compressed). The per-member payload is then compressed alone with zstd to estimate what each
+member costs in the delta; estimates do not sum exactly to the delta size (the real stream is
+compressed as one, with a long window).
+
+``--oracle`` also tries, for the costliest members, bsdiff4 and a zstd raw-content dictionary
+frame against the OPEN source the differ chose (and against the same path in old.tar when
+different), and plain zstd without a source, to show what a better per-file choice would save.
+
+    python3 bench/analyze.py DELTA OLD.tar NEW.tar [--top 25] [--oracle] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from podman_delta.tardiff import tarindex
+from podman_delta.tardiff.format import DeltaReader, Op
+
+LEVEL = 19
+
+
+class Member:
+    __slots__ = (
+        "add",
+        "add_nonzero",
+        "copy",
+        "entry",
+        "est",
+        "header",
+        "literal",
+        "payload",
+        "sources",
+        "zdict",
+        "zdict_out",
+    )
+
+    def __init__(self, entry: tarindex.TarEntry | None) -> None:
+        self.entry = entry
+        self.header = self.literal = self.add = self.add_nonzero = self.copy = 0
+        self.zdict = self.zdict_out = self.est = 0
+        self.payload = bytearray()
+        self.sources: set[bytes] = set()
+
+
+def _charge(members, starts, pos: int, n: int, kind: str, data: bytes | None, source: bytes):
+    """Charge output bytes [pos, pos+n) to the members they fall in."""
+    end = pos + n
+    off = 0
+    while pos < end:
+        i = bisect.bisect_right(starts, pos) - 1
+        m = members[i]
+        e = m.entry
+        nxt = starts[i + 1] if i + 1 < len(starts) else end
+        take = min(end, nxt) - pos
+        if kind == "data":
+            hdr_end = e.data_offset if e is not None else nxt
+            h = max(0, min(pos + take, hdr_end) - pos)
+            m.header += h
+            m.literal += take - h
+            if data is not None and take - h:
+                m.payload += data[off + h : off + take]
+        elif kind == "add":
+            m.add += take
+            if data is not None:
+                chunk = data[off : off + take]
+                m.add_nonzero += take - chunk.count(0)
+                m.payload += chunk
+            m.sources.add(source)
+        elif kind == "copy":
+            m.copy += take
+            m.sources.add(source)
+        pos += take
+        off += take
+
+
+def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
+    with open(new_tar, "rb") as f:
+        entries = list(tarindex.scan(f))
+    members = [Member(e) for e in entries]
+    starts = [e.header_offset for e in entries]
+    # A pseudo-member for the end-of-archive blocks.
+    tail = Member(None)
+    members.append(tail)
+    starts.append(entries[-1].end_offset if entries else 0)
+    by_data = {e.data_offset: i for i, e in enumerate(entries)}
+    headers_blob = bytearray()
+    ops = defaultdict(int)
+    pos = 0
+    source = b""
+    with open(delta, "rb") as f:
+        reader = DeltaReader(f)
+        for rec in reader:
+            ops[rec.op.name] += 1
+            if rec.op is Op.OPEN:
+                source = rec.name
+            elif rec.op is Op.SEEK:
+                pass
+            elif rec.op is Op.COPY:
+                _charge(members, starts, pos, rec.size, "copy", None, source)
+                pos += rec.size
+            elif rec.op is Op.DATA:
+                data = reader.read_payload()
+                # Collect header bytes for a global compressed estimate.
+                i = bisect.bisect_right(starts, pos) - 1
+                _charge(members, starts, pos, rec.size, "data", data, source)
+                _collect_headers(members, starts, i, pos, data, headers_blob)
+                pos += rec.size
+            elif rec.op is Op.ADD:
+                data = reader.read_payload()
+                _charge(members, starts, pos, rec.size, "add", data, source)
+                pos += rec.size
+            elif rec.op is Op.ZSTD_DICT:
+                frame = reader.read_payload()
+                size = zstandard.frame_content_size(frame)
+                i = bisect.bisect_right(starts, pos) - 1
+                if size < 0:
+                    idx = by_data.get(pos)
+                    size = entries[idx].size if idx is not None else 0
+                m = members[i]
+                m.zdict += len(frame)
+                m.zdict_out += size
+                m.sources.add(source)
+                pos += size
+    stats = {"ops": dict(ops), "output_bytes": pos, "headers_raw": len(headers_blob)}
+    cctx = zstandard.ZstdCompressor(level=LEVEL)
+    stats["headers_zstd"] = len(cctx.compress(bytes(headers_blob))) if headers_blob else 0
+    return members, stats
+
+
+def _collect_headers(members, starts, i, pos, data, blob) -> None:
+    end = pos + len(data)
+    while pos < end and i < len(members):
+        e = members[i].entry
+        nxt = starts[i + 1] if i + 1 < len(starts) else end
+        hdr_end = e.data_offset if e is not None else nxt
+        lo, hi = pos, min(end, hdr_end)
+        if hi > lo:
+            blob += data[lo - (end - len(data)) : hi - (end - len(data))]
+        pos = min(end, nxt)
+        i += 1
+
+
+def estimate(members: list[Member]) -> None:
+    cctx = zstandard.ZstdCompressor(level=LEVEL)
+    for m in members:
+        m.est = (len(cctx.compress(bytes(m.payload))) if m.payload else 0) + m.zdict
+
+
+def oracle(m: Member, old_tar: Path, new_tar: Path, old_index: dict) -> dict:
+    """Per-file alternatives for one new member against its source(s)."""
+    import bsdiff4
+
+    with open(new_tar, "rb") as f:
+        new = tarindex.read_at(f, m.entry.data_offset, m.entry.size)
+    out = {"plain_zstd19": len(zstandard.ZstdCompressor(level=LEVEL).compress(new))}
+    cands = {s.decode(errors="replace") for s in m.sources}
+    if m.entry.path in old_index:
+        cands.add(m.entry.path)
+    with open(old_tar, "rb") as f:
+        for name in sorted(cands)[:3]:
+            e = old_index.get(name)
+            if e is None:
+                continue
+            old = tarindex.read_at(f, e.data_offset, e.size)
+            d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            params = zstandard.ZstdCompressionParameters.from_level(
+                LEVEL,
+                source_size=len(new),
+                dict_size=len(old),
+                window_log=max(10, min(31, (max(len(old), len(new)) - 1).bit_length())),
+            )
+            z = zstandard.ZstdCompressor(dict_data=d, compression_params=params)
+            r = {"zstd_dict": len(z.compress(new))}
+            if len(old) + len(new) < 64 << 20:
+                r["bsdiff4"] = len(bsdiff4.diff(old, new))
+            out[name] = r
+    return out
+
+
+def _group(path: str) -> str:
+    """A coarse owner for a path: the Python distribution, or the first three components."""
+    if "site-packages/" in path:
+        top = path.split("site-packages/", 1)[1].split("/", 1)[0]
+        return "site-packages/" + re.sub(r"-[0-9][^/]*\.(dist-info|data)$", "", top)
+    return "/".join(path.split("/")[:3])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("delta", type=Path)
+    ap.add_argument("old_tar", type=Path)
+    ap.add_argument("new_tar", type=Path)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--oracle", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    members, stats = analyze(args.delta, args.new_tar)
+    estimate(members)
+    delta_size = args.delta.stat().st_size
+    tot = defaultdict(int)
+    for m in members:
+        for k in ("header", "literal", "add", "add_nonzero", "copy", "zdict", "zdict_out", "est"):
+            tot[k] += getattr(m, k)
+    print(f"delta {args.delta}: {delta_size:,} bytes; ops {stats['ops']}")
+    print(
+        f"output {stats['output_bytes']:,} bytes: copy {tot['copy']:,}, literal {tot['literal']:,}"
+        f", add {tot['add']:,} ({tot['add_nonzero']:,} non-zero), zstd-dict frames "
+        f"{tot['zdict']:,} -> {tot['zdict_out']:,}, header DATA {tot['header']:,}"
+    )
+    print(
+        f"estimates (zstd -{LEVEL} per member): content {tot['est']:,}; all header DATA "
+        f"together {stats['headers_zstd']:,}"
+    )
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for m in members:
+        if m.entry is None:
+            continue
+        g = groups[_group(m.entry.path)]
+        g[0] += m.est
+        g[1] += 1
+        g[2] += m.entry.size if m.entry.is_regular else 0
+    tiny = sum(m.est for m in members if m.entry is not None and m.entry.size < 96)
+    print(f"members under 96 bytes (always literal): estimated {tiny:,}")
+    print("\ncostliest groups (estimated bytes, members, content bytes):")
+    for name, (est, n, size) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"{est:>10,} {n:>6} {size:>12,}  {name}")
+    ranked = sorted((m for m in members if m.entry is not None), key=lambda m: -m.est)
+    old_index = {}
+    if args.oracle:
+        with open(args.old_tar, "rb") as f:
+            old_index = {e.path: e for e in tarindex.scan(f) if e.is_regular}
+    rows = []
+    print(f"\ntop {args.top} members by estimated cost:")
+    print(
+        f"{'est':>10} {'size':>11} {'literal':>10} {'add':>10} {'add!=0':>9} {'zdict':>9}  path"
+        "  <- sources"
+    )
+    for m in ranked[: args.top]:
+        e = m.entry
+        srcs = ",".join(sorted(s.decode(errors="replace") for s in m.sources))[:120]
+        print(
+            f"{m.est:>10,} {e.size:>11,} {m.literal:>10,} {m.add:>10,} {m.add_nonzero:>9,} "
+            f"{m.zdict:>9,}  {e.path}  <- {srcs or '-'}"
+        )
+        row = {
+            "path": e.path,
+            "size": e.size,
+            "est": m.est,
+            "literal": m.literal,
+            "add": m.add,
+            "add_nonzero": m.add_nonzero,
+            "zdict": m.zdict,
+            "copy": m.copy,
+            "sources": sorted(s.decode(errors="replace") for s in m.sources),
+        }
+        if args.oracle and e.is_regular and e.size:
+            row["oracle"] = oracle(m, args.old_tar, args.new_tar, old_index)
+            print(f"{'':>10} oracle: {json.dumps(row['oracle'])}")
+        rows.append(row)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"delta_bytes": delta_size, "stats": stats, "totals": tot, "top": rows}, indent=2
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
