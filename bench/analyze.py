@@ -30,7 +30,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from podman_delta.tardiff import tarindex
-from podman_delta.tardiff.format import DeltaReader, Op
+from podman_delta.tardiff.format import DeltaReader, Op, encode_varint
 
 LEVEL = 19
 
@@ -100,6 +100,7 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
     starts.append(entries[-1].end_offset if entries else 0)
     by_data = {e.data_offset: i for i, e in enumerate(entries)}
     headers_blob = bytearray()
+    skeleton = bytearray()  # op codes, varints and OPEN names: the cost of the ops themselves
     ops = defaultdict(int)
     pos = 0
     source = b""
@@ -107,6 +108,7 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
         reader = DeltaReader(f)
         for rec in reader:
             ops[rec.op.name] += 1
+            skeleton += bytes([rec.op]) + encode_varint(rec.size) + rec.name
             if rec.op is Op.OPEN:
                 source = rec.name
             elif rec.op is Op.SEEK:
@@ -140,6 +142,8 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
     stats = {"ops": dict(ops), "output_bytes": pos, "headers_raw": len(headers_blob)}
     cctx = zstandard.ZstdCompressor(level=LEVEL)
     stats["headers_zstd"] = len(cctx.compress(bytes(headers_blob))) if headers_blob else 0
+    stats["skeleton_raw"] = len(skeleton)
+    stats["skeleton_zstd"] = len(cctx.compress(bytes(skeleton))) if skeleton else 0
     return members, stats
 
 
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
     )
     print(
         f"estimates (zstd -{LEVEL} per member): content {tot['est']:,}; all header DATA "
-        f"together {stats['headers_zstd']:,}"
+        f"together {stats['headers_zstd']:,} (raw {stats['headers_raw']:,}); op codes, sizes and "
+        f"OPEN names together {stats['skeleton_zstd']:,} (raw {stats['skeleton_raw']:,})"
     )
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for m in members:

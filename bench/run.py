@@ -704,6 +704,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="extra global args placed before `diff`, e.g. '--log-level info'",
     )
+    ap.add_argument(
+        "--render-only", action="store_true", help="measure nothing; rebuild the table from OUT"
+    )
     ap.add_argument("--readme", type=Path, default=README, help="README to update")
     ap.add_argument("--no-readme", action="store_true", help="do not touch the README")
     ap.add_argument("--keep", action="store_true", help="keep deltas in OUT/work")
@@ -726,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_cache = load_json(out / "ours.json")
     runs = load_json(out / "runs.json")
 
-    run_ours_flag = not args.peers_only
-    run_peers = not args.ours_only
+    run_ours_flag = not args.peers_only and not args.render_only
+    run_peers = not args.ours_only and not args.render_only
     helps = ours_commands() if run_ours_flag else {"diff": None, "patch": None}
     ours_ok = helps["diff"] is not None
     why = "`podman-delta diff` not available yet"
@@ -743,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         what.append("podman-delta" if ours_ok else "podman-delta (n/a)")
     runs[run_id] = f"{now:%Y-%m-%d %H:%M} UTC, pairs {','.join(args.pairs)}: {'; '.join(what)}"
 
-    for key in args.pairs:
+    for key in [] if args.render_only else args.pairs:
         pair = Pair(key, args.corpus, out)
         warm(pair.old, pair.new)
         log(f"== {pair.name}")
@@ -770,6 +773,11 @@ def main(argv: list[str] | None = None) -> int:
             for f in pair.work.glob("*"):
                 if f.is_file() and f.name != "old-root.sha256" and f.name != "ours.tardiff":
                     f.unlink()
+    # Another run may have finished meanwhile: merge into what is on disk now.
+    on_disk = load_json(out / "runs.json")
+    if run_id in runs and not args.render_only:
+        on_disk[run_id] = runs[run_id]
+    runs = on_disk
     save_json(out / "runs.json", runs)
 
     # Merge every cached row whose pair still has the same tars.

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   podman skopeo buildah runc fuse-overlayfs uidmap      # real podman 4.3.1 and friends
-  docker-registry apache2-utils curl                     # the registry the tests talk to
+  docker-registry apache2-utils curl openssl             # the registry the tests talk to
   debootstrap zstd xdelta3 bsdiff                        # chroots, whole-tar peers
   systemd shellcheck                                     # systemd-analyze verify, hook lint
   python3-venv python3-dev gcc libattr1-dev              # the virtualenv and pyxattr

@@ -56,6 +56,9 @@ def test_load_options_from_conf_and_overrides(tmp_path: Path) -> None:
         "--storage-driver",
         "overlay",
     ]
+    assert "--storage-opt" not in opts.podman_args()  # podman reads the file itself
+    opt = "overlay.mount_program=/bin/x"
+    assert load_options(storage_opts=[opt], env=env).podman_args()[-2:] == ["--storage-opt", opt]
     opts = load_options(root=tmp_path / "s", runroot="/rr", driver="vfs", env=env)
     assert (opts.graph_root, opts.run_root, opts.driver) == (tmp_path / "s", Path("/rr"), "vfs")
     with pytest.raises(StorageError, match="btrfs"):
@@ -216,3 +219,26 @@ def test_missing_image_and_layer_errors(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="no layer with DiffID"):
         store.layer_source("sha256:" + "0" * 64)
     assert not os.path.exists(tmp_path / "g")  # reading never creates the store
+
+
+def test_image_lookup_by_id_prefix_and_names(tmp_path: Path) -> None:
+    opts = load_options(root=tmp_path / "g", runroot=tmp_path / "r", driver="vfs", env={})
+    (tmp_path / "g/vfs-images").mkdir(parents=True)
+    (tmp_path / "g/vfs-images/images.json").write_text(
+        json.dumps(
+            [
+                {"id": "ab" + "1" * 62, "names": ["docker.io/library/alpine:latest"]},
+                {"id": "ac" + "2" * 62, "names": ["localhost/mine:v1", "127.0.0.1:5000/x/y:2"]},
+            ]
+        )
+    )
+    store = Store(opts)
+    first, second = store.images()
+    assert store.image("alpine") is first
+    assert store.image("docker.io/library/alpine") is first
+    assert store.image("mine:v1") is second
+    assert store.image("127.0.0.1:5000/x/y:2") is second
+    assert store.image("sha256:ac" + "2" * 62) is second
+    assert store.image("ac2") is second
+    assert store.image("a") is None  # too short / ambiguous
+    assert store.image("mine") is None  # :latest is not :v1

@@ -1,4 +1,4 @@
-"""``podman-delta diff OLD [OLD...] NEW DELTA``: make a tar-diff delta (Go tar-diff's argument order)."""
+"""``podman-delta diff OLD [OLD...] NEW DELTA``: make a tar-diff delta (Go tar-diff's order)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from podman_delta.registry.client import (
     Platform,
     ProgressFn,
     RegistryClient,
-    RegistryUnavailableError,
     check_descriptor,
     choose_platform,
     host_platform,
@@ -162,7 +161,7 @@ class RegistryImageSource:
                 client = self.pool.client(target.registry or "", endpoint.insecure)
                 try:
                     manifest = client.get_manifest(target.repository, target.ref)
-                except (ImageNotFoundError, RegistryUnavailableError) as exc:
+                except RegistryError as exc:  # like c/image: try the next mirror/candidate
                     log.debug("%s: %s", target, exc)
                     errors.append(exc)
                     continue

@@ -60,8 +60,11 @@ class StoreOptions:
     driver_options: tuple[str, ...] = ()
     rootless: bool = False
     conf: Path | None = None
-    #: Whether root/runroot/driver were given explicitly (then they are passed to podman).
+    #: Which of root/runroot/driver were given on the command line.
     explicit: tuple[str, ...] = field(default=())
+    #: True when ``driver_options`` come from storage.conf: podman reads them there itself, and
+    #: passing any ``--storage-opt`` would make it ignore all of the file's options.
+    options_from_conf: bool = False
 
     @property
     def mount_program(self) -> str | None:
@@ -75,8 +78,9 @@ class StoreOptions:
         """Global podman options selecting this store (always explicit: no guessing twice)."""
         args = ["--root", str(self.graph_root), "--runroot", str(self.run_root)]
         args += ["--storage-driver", self.driver]
-        for opt in self.driver_options:
-            args += ["--storage-opt", opt]
+        if not self.options_from_conf:
+            for opt in self.driver_options:
+                args += ["--storage-opt", opt]
         return args
 
     def skopeo_ref(self, name: str) -> str:
@@ -158,6 +162,7 @@ def load_options(
         rootless=rootless,
         conf=conf,
         explicit=explicit,
+        options_from_conf=not storage_opts,
     )
 
 

@@ -104,17 +104,19 @@ def _load_json_list(path: Path) -> list[dict[str, Any]]:
     return value
 
 
-def _normalize_name(name: str) -> str:
-    """Fully qualify a user-typed image name the way podman stores it (short: localhost/...)."""
+def _candidate_names(name: str) -> set[str]:
+    """Stored forms a user-typed image name may have (podman stores fully qualified names)."""
     name = name.strip()
     if "@" not in name:
         last = name.rsplit("/", 1)[-1]
         if ":" not in last:
             name += ":latest"
     first = name.split("/", 1)[0]
-    if "/" not in name or not ("." in first or ":" in first or first == "localhost"):
-        name = "localhost/" + name
-    return name
+    if "/" in name and ("." in first or ":" in first or first == "localhost"):
+        return {name}
+    # A short name: podman's own images live under localhost/, Docker Hub's under docker.io.
+    hub = f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
+    return {name, f"localhost/{name}", hub}
 
 
 class Store:
@@ -201,7 +203,7 @@ class Store:
         for img in images:
             if img.id == ref:
                 return img
-        wanted = {ref, _normalize_name(ref)}
+        wanted = {ref} | _candidate_names(ref)
         for img in images:
             if wanted & set(img.names):
                 return img

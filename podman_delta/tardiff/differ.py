@@ -78,9 +78,9 @@ WORK_BUDGET = 640 << 20
 #: Largest reference for op 5 (the applier holds it in memory as a dictionary).
 MAX_ZSTD_DICT_SOURCE = 128 << 20
 #: Level used to compare candidate encodings of one file (fast; relative sizes are what count).
-ESTIMATE_LEVEL = 3
+ESTIMATE_LEVEL = 9
 #: Old files besides the best match that may join one bsdiff reference.
-MAX_EXTRA_SOURCES = int(os.environ.get("PD_EXTRAS", "4"))
+MAX_EXTRA_SOURCES = 4
 #: New bytes allowed in flight (read but not yet written) in the ordered pipeline.
 INFLIGHT_BYTES = 192 << 20
 
@@ -155,18 +155,6 @@ def _apply(writer: DeltaWriter, ops: OpList) -> None:
 
 
 # --------------------------------------------------------------------------- memory budget
-
-
-PROF: Counter = Counter()
-
-
-@contextlib.contextmanager
-def _prof(name: str):
-    t = time.thread_time()
-    try:
-        yield
-    finally:
-        PROF[name] += time.thread_time() - t
 
 
 class _Budget:
@@ -354,42 +342,38 @@ class _Differ:
             job.method, job.result = best
             return job
         cands = [f for f in self.names.candidates(path, entry.size) if delta_candidate(f.path)]
-        with _prof("anchors"):
-            hits = self.anchors.lookup(new) if len(new) <= MAX_ANCHOR_FILE and is_text(new) else []
+        hits = self.anchors.lookup(new) if len(new) <= MAX_ANCHOR_FILE and is_text(new) else []
         for f, _ in hits[:2]:
             if f not in cands and delta_candidate(f.path):
                 cands.append(f)
         if not cands:
             job.method, job.result = best
             return job
-        with _prof("rank"):
-            primary = self._rank(cands, new)
+        primary = self._rank(cands, new)
         extras = self._extras(primary, hits, len(new))
         fallback, fallback_cost = best, best_cost
         for method, ops in self._encodings(primary, extras, new):
-            with _prof("est"):
-                cost = (
-                    self.estimate(_serialize(ops)) if method != "zstd_dict" else len(ops[-1][1]) + 8
-                )
+            cost = self.estimate(_serialize(ops)) if method != "zstd_dict" else len(ops[-1][1]) + 8
             if cost < best_cost:
                 best_cost, best = cost, (method, ops)
             if method != "zstd_dict" and cost < fallback_cost:
                 fallback_cost, fallback = cost, (method, ops)
         if best[0] == "zstd_dict":
-            with _prof("final"):
-                best = self._final_zdict(best[1], new) or fallback
+            best = self._final_zdict(best[1], new) or fallback
         job.method, job.result = best
         log.debug("%s: %s, %d bytes -> ~%d", entry.path, best[0], entry.size, best_cost)
         return job
 
     def _final_zdict(self, ops: OpList, new: bytes) -> tuple[str, OpList] | None:
-        source = ops[-1][3]
-        if len(ops[-1][1]) <= 64:  # already tiny: a better level cannot gain anything
+        """Redo the chosen dictionary frame at the real level (keep the smaller of the two)."""
+        source, estimate = ops[-1][3], ops[-1][1]
+        if len(estimate) <= 64:  # already tiny: a better level cannot gain anything
             return "zstd_dict", ops
-        level = self.options.level if len(new) <= 8 << 20 else min(self.options.level, 15)
+        # Dictionary loading runs at about 1 MB/s at level 19: cap the level for huge files.
+        level = self.options.level if len(new) <= 8 << 20 else min(self.options.level, 12)
         frame = self._zdict_frame(source, new, level)
-        if frame is None:
-            return None
+        if frame is None or len(frame) >= len(estimate):
+            frame = estimate
         return "zstd_dict", [("open", source.name), ("zdict", frame, source.size)]
 
     def _extras(
@@ -423,27 +407,28 @@ class _Differ:
         return best
 
     def _encodings(self, source: OldFile, extras: list[OldFile], new: bytes):
+        """Yield (method, ops) candidates; the dictionary frame first, as it is the cheaper."""
         cap = self.options.max_bsdiff_size
+        if self.allow_zdict and source.size <= MAX_ZSTD_DICT_SOURCE and len(new) > 1024:
+            # A mid-level frame to compare with the other encodings; the chosen one is redone at
+            # the real level (dictionary loading at high levels is the costly part).
+            frame = self._zdict_frame(source, new, ESTIMATE_LEVEL)
+            if frame is not None:
+                yield "zstd_dict", [("open", source.name), ("zdict", frame, source.size, source)]
+                if len(frame) <= 64 + len(new) // 256:
+                    return  # nearly identical: bsdiff cannot gain enough to pay for itself
         if source.size <= cap and len(new) <= 4 * cap:
             segments = [_Segment(f, 0, f.size) for f in [source, *extras]]
             ref = b"".join(self.read_old(f) for f in [source, *extras])
             with self.budget.reserve(BSDIFF_RAM_PER_BYTE * len(ref) + 3 * len(new)):
-                with _prof("bsdiff"):
-                    ops = bsdiff_ops(segments, ref, new)
+                ops = bsdiff_ops(segments, ref, new)
                 yield "bsdiff", ops
         else:
             yield "bsdiff", self._windowed_bsdiff(source, new)
-        if self.allow_zdict and source.size <= MAX_ZSTD_DICT_SOURCE and len(new) > 4096:
-            # A fast frame to compare with the other encodings on equal terms; the chosen one is
-            # redone at the real level (dictionary loading at high levels is the costly part).
-            with _prof("zest"):
-                frame = self._zdict_frame(source, new, ESTIMATE_LEVEL)
-            if frame is not None:
-                yield "zstd_dict", [("open", source.name), ("zdict", frame, source.size, source)]
 
     def _windowed_bsdiff(self, source: OldFile, new: bytes) -> OpList:
         """bsdiff a large file window by window against the proportional region of the source."""
-        window = max(1 << 20, self.options.max_bsdiff_size // 2)
+        window = max(64 << 10, self.options.max_bsdiff_size // 2)
         ops: OpList = []
         for i in range(0, len(new), window):
             chunk = new[i : i + window]
@@ -527,11 +512,9 @@ def diff(
         )
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads))
         size_future = pool.submit(_compressed_size, new_tar.fileno(), new_size, 1)
-        with _prof("scan+digest"):
-            differ.index_digests({e.size for e in new_entries if _is_target(e)}, pool)
+        differ.index_digests({e.size for e in new_entries if _is_target(e)}, pool)
         t0 = time.monotonic()
-        with _prof("index_anchors"):
-            differ.index_anchors()
+        differ.index_anchors()
         log.debug("anchor index built in %.2f s", time.monotonic() - t0)
         stats = DiffStats(new_tar_size=new_size)
         version = 1 if opts.format == "tardf1" else 2
@@ -540,9 +523,7 @@ def diff(
             sink, version=version, options=WriterOptions(level=opts.level, threads=threads)
         )
         counts = _write_ops(writer, differ, new_entries, new_tar.fileno(), new_size, pool)
-        with _prof("write"):
-            writer.close()
-        log.info("prof %s", sorted(PROF.items()))
+        writer.close()
         used_zdict = counts.get("zstd_dict", 0) > 0
         stats.version = 2 if used_zdict else 1
         stats.delta_size = finish(stats.version)
@@ -586,7 +567,7 @@ def _open_sink(out: BinaryIO, tmpdir: str | None) -> tuple[BinaryIO, Callable[[i
             return end - start
 
         return out, finish_in_place
-    spool = tempfile.TemporaryFile(dir=tmpdir)
+    spool = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115 - closed by the finisher
 
     def finish_spooled(version: int) -> int:
         size = spool.tell()
@@ -624,8 +605,8 @@ def _write_ops(
         job = fut.result()
         inflight -= job.entry.size
         counts[job.method] += 1
-        with _prof("write"):
-            _apply(writer, job.result or [])
+        _apply(writer, job.result or [])
+        _flush_large_data(writer)
         job.result = None
 
     prev = 0

@@ -123,7 +123,7 @@ def _remove_tree(merged: dict[bytes, OldFile | None], path: bytes, *, include_se
 
 
 def normalize(path: bytes) -> bytes:
-    """Replace version numbers and hash-like runs by ``#``: ``libz.so.1.2.13`` -> ``libz.so.#.#.#``."""
+    """Replace versions and hash-like runs by ``#``: ``libz.so.1.2.13`` -> ``libz.so.#.#.#``."""
     return _DIGITS.sub(b"#", _HEXHASH.sub(b"#", path.lower()))
 
 
