@@ -39,11 +39,18 @@ class Member:
     __slots__ = (
         "add",
         "add_nonzero",
+        "bs_ctrl",
+        "bs_est",
+        "bs_extra",
+        "bs_nonzero",
+        "bs_payload",
+        "bs_sources",
         "copy",
         "entry",
         "est",
         "header",
         "literal",
+        "ops_raw",
         "payload",
         "sources",
         "zdict",
@@ -56,6 +63,9 @@ class Member:
         self.zdict = self.zdict_out = self.est = 0
         self.payload = bytearray()
         self.sources: set[bytes] = set()
+        self.bs_est = self.bs_extra = self.bs_nonzero = self.bs_ctrl = self.ops_raw = 0
+        self.bs_payload = bytearray()
+        self.bs_sources: dict[str, int] = defaultdict(int)
 
 
 def _charge(members, starts, pos: int, n: int, kind: str, data: bytes | None, source: bytes):
@@ -108,7 +118,10 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
         reader = DeltaReader(f)
         for rec in reader:
             ops[rec.op.name] += 1
-            skeleton += bytes([rec.op]) + encode_varint(rec.size) + rec.name
+            piece = bytes([rec.op]) + encode_varint(rec.size) + rec.name
+            skeleton += piece
+            if rec.op is not Op.DATA:  # DATA ops mostly carry headers: not the file's fault
+                members[bisect.bisect_right(starts, pos) - 1].ops_raw += len(piece)
             if rec.op is Op.OPEN:
                 source = rec.name
             elif rec.op is Op.SEEK:
@@ -144,6 +157,7 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
     stats["headers_zstd"] = len(cctx.compress(bytes(headers_blob))) if headers_blob else 0
     stats["skeleton_raw"] = len(skeleton)
     stats["skeleton_zstd"] = len(cctx.compress(bytes(skeleton))) if skeleton else 0
+    stats["ops_rate"] = stats["skeleton_zstd"] / max(1, len(skeleton))
     return members, stats
 
 
@@ -160,10 +174,95 @@ def _collect_headers(members, starts, i, pos, data, blob) -> None:
         i += 1
 
 
-def estimate(members: list[Member]) -> None:
+def bsdiff_attribution(patch: Path, members: list[Member], starts: list[int], old_tar: Path):
+    """Charge a whole-tar bsdiff4 patch (BSDIFF40) to the same new-tar members.
+
+    Diff bytes and extra bytes that land in a member's content go to its ``bs_payload`` (what
+    bsdiff had to say about it); ``bs_sources`` counts which old members the diff bytes were
+    read from, to show cross-file matches our per-file sources missed. Each member also pays
+    its share of the compressed control block (per triple that starts in it), as our members
+    pay their share of the op skeleton.
+    """
+    import bsdiff4.format
+
+    with open(old_tar, "rb") as f:
+        old_entries = list(tarindex.scan(f))
+    old_starts = [e.header_offset for e in old_entries]
+    with open(patch, "rb") as f:
+        f.seek(8)
+        control_bz2 = bsdiff4.core.decode_int64(f.read(8))
+        f.seek(0)
+        _, control, diff, extra = bsdiff4.format.read_patch(f)
+    per_triple = control_bz2 / max(1, len(control) // 24)
+    dec = bsdiff4.core.decode_int64
+    newpos = oldpos = dpos = epos = 0
+    header_blob = bytearray()  # diff/extra bytes that land in tar headers and padding
+
+    def charge(pos: int, data: bytes, is_diff: bool, opos: int) -> None:
+        end, off = pos + len(data), 0
+        while pos < end:
+            i = bisect.bisect_right(starts, pos) - 1
+            m = members[i]
+            nxt = starts[i + 1] if i + 1 < len(starts) else end
+            take = min(end, nxt) - pos
+            content_from = m.entry.data_offset if m.entry is not None else nxt
+            lo = max(pos, content_from)
+            if lo > pos:
+                header_blob.extend(data[off : off + min(take, lo - pos)])
+            if lo < pos + take:
+                chunk = data[off + lo - pos : off + take]
+                m.bs_payload += chunk
+                if is_diff:
+                    m.bs_nonzero += len(chunk) - chunk.count(0)
+                    j = bisect.bisect_right(old_starts, opos + lo - pos) - 1
+                    if j >= 0:
+                        m.bs_sources[old_entries[j].path] += len(chunk)
+                else:
+                    m.bs_extra += len(chunk)
+            pos += take
+            off += take
+            opos += take
+
+    for k in range(0, len(control), 24):
+        owner = members[bisect.bisect_right(starts, newpos) - 1]
+        owner.bs_ctrl += per_triple
+        x, y, z = (
+            dec(control[k : k + 8]),
+            dec(control[k + 8 : k + 16]),
+            dec(control[k + 16 : k + 24]),
+        )
+        if x:
+            charge(newpos, diff[dpos : dpos + x], True, oldpos)
+        newpos += x
+        oldpos += x
+        dpos += x
+        if y:
+            charge(newpos, extra[epos : epos + y], False, 0)
+        newpos += y
+        epos += y
+        oldpos += z
+    cctx = zstandard.ZstdCompressor(level=LEVEL)
+    for m in members:
+        m.bs_est = len(cctx.compress(bytes(m.bs_payload))) if m.bs_payload else 0
+        m.bs_est += round(m.bs_ctrl)
+        m.bs_payload = bytearray()
+    return {
+        "bsdiff_headers_zstd": len(cctx.compress(bytes(header_blob))),
+        "bsdiff_control_bz2": control_bz2,
+        "bsdiff_triples": len(control) // 24,
+    }
+
+
+def estimate(members: list[Member], ops_rate: float) -> None:
+    """Per-member cost: its payload compressed alone, zstd frames, and its share of the ops.
+
+    The compressed op skeleton (codes, sizes, OPEN names) is charged in proportion to the raw
+    op bytes of each member.
+    """
     cctx = zstandard.ZstdCompressor(level=LEVEL)
     for m in members:
         m.est = (len(cctx.compress(bytes(m.payload))) if m.payload else 0) + m.zdict
+        m.est += round(m.ops_raw * ops_rate)
 
 
 def oracle(m: Member, old_tar: Path, new_tar: Path, old_index: dict) -> dict:
@@ -197,6 +296,40 @@ def oracle(m: Member, old_tar: Path, new_tar: Path, old_index: dict) -> dict:
     return out
 
 
+def _compare(members: list[Member]) -> None:
+    """Print where the whole-tar bsdiff spends fewer bytes than we do, by group and by member."""
+    real = [m for m in members if m.entry is not None]
+    ours, theirs = sum(m.est for m in real), sum(m.bs_est for m in real)
+    print(
+        f"content estimate (zstd -{LEVEL} per member): ours {ours:,}, whole-tar bsdiff {theirs:,}"
+    )
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for m in real:
+        g = groups[_group(m.entry.path)]
+        g[0] += m.est
+        g[1] += m.bs_est
+    print("\ngroups where we lose most (ours - bsdiff, ours, bsdiff):")
+    for name, (a, b) in sorted(groups.items(), key=lambda kv: kv[1][1] - kv[1][0])[:12]:
+        print(f"{a - b:>+10,} {a:>10,} {b:>10,}  {name}")
+    print(
+        "\nmembers where we lose most (ours - bsdiff, ours, bsdiff, bsdiff extra, path, "
+        "our sources | bsdiff's main old members):"
+    )
+    for m in sorted(real, key=lambda m: m.bs_est - m.est)[:25]:
+        if m.est <= m.bs_est:
+            break
+        ours_src = ",".join(sorted(s.decode(errors="replace") for s in m.sources)) or "-"
+        top = sorted(m.bs_sources.items(), key=lambda kv: -kv[1])[:3]
+        theirs_src = ", ".join(f"{p} ({n:,})" for p, n in top) or "-"
+        print(
+            f"{m.est - m.bs_est:>+10,} {m.est:>9,} {m.bs_est:>9,} {m.bs_extra:>9,}  "
+            f"{m.entry.path}  <- {ours_src[:100]} | {theirs_src[:200]}"
+        )
+    wins = sum(m.bs_est - m.est for m in real if m.bs_est > m.est)
+    losses = sum(m.est - m.bs_est for m in real if m.est > m.bs_est)
+    print(f"\nsum over members: we lose {losses:,} where bsdiff is smaller, win {wins:,} elsewhere")
+
+
 def _group(path: str) -> str:
     """A coarse owner for a path: the Python distribution, or the first three components."""
     if "site-packages/" in path:
@@ -213,10 +346,24 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--oracle", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--bsdiff", type=Path, help="a whole-tar bsdiff4 patch of the same pair, to compare with"
+    )
     args = ap.parse_args(argv)
 
     members, stats = analyze(args.delta, args.new_tar)
-    estimate(members)
+    estimate(members, stats["ops_rate"])
+    if args.bsdiff:
+        with open(args.new_tar, "rb") as f:
+            starts = [e.header_offset for e in tarindex.scan(f)]
+        starts.append(members[-2].entry.end_offset)
+        bs = bsdiff_attribution(args.bsdiff, members, starts, args.old_tar)
+        print(
+            f"whole-tar bsdiff: {bs['bsdiff_triples']:,} triples, control {bs['bsdiff_control_bz2']:,}"
+            f" bytes (bz2); its diff/extra bytes in headers+padding compress to "
+            f"{bs['bsdiff_headers_zstd']:,} (ours: header DATA {stats['headers_zstd']:,})"
+        )
+        _compare(members)
     delta_size = args.delta.stat().st_size
     tot = defaultdict(int)
     for m in members:

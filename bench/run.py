@@ -709,7 +709,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--readme", type=Path, default=README, help="README to update")
     ap.add_argument("--no-readme", action="store_true", help="do not touch the README")
-    ap.add_argument("--keep", action="store_true", help="keep deltas in OUT/work")
     args = ap.parse_args(argv)
     args.pairs = [p.strip().upper() for p in args.pairs.split(",") if p.strip()]
     bad = [p for p in args.pairs if p not in PAIRS]
@@ -769,10 +768,8 @@ def main(argv: list[str] | None = None) -> int:
             row["run"] = run_id
             ours_cache[key] = {"cache_key": cache_key, "row": row}
             save_json(out / "ours.json", ours_cache)
-        if not args.keep:
-            for f in pair.work.glob("*"):
-                if f.is_file() and f.name != "old-root.sha256" and f.name != "ours.tardiff":
-                    f.unlink()
+        for f in pair.work.glob("*.out.tar"):  # patch outputs left by a failed check
+            f.unlink()
     # Another run may have finished meanwhile: merge into what is on disk now.
     on_disk = load_json(out / "runs.json")
     if run_id in runs and not args.render_only:

@@ -373,8 +373,7 @@ def _image_present(store: Store, info: ImageInfo, name: str) -> bool:
     if img is None:
         return False
     digests = set(img.raw.get("digests") or []) | ({img.digest} if img.digest else set())
-    named = name.split("@", 1)[0] if "@" in name else name
-    return info.digest in digests and ("@" in name or named in img.names)
+    return info.digest in digests and ("@" in name or name in img.names)
 
 
 def _artifacts(
@@ -693,6 +692,7 @@ def _get_layer(plan: PullPlan, store: Store, lp: LayerPlan, work: Path, meter: _
         try:
             blob = _fetch(plan.client, plan.repo, desc, work / desc["digest"][7:], meter, key)
             _apply_delta(store, lp, blob, out)
+            blob.unlink(missing_ok=True)
             meter.progress.finish(key, f"rebuilt from a {human(lp.delta.size)} delta")
             return out
         except (DeltaError, OSError) as exc:
@@ -706,8 +706,32 @@ def _get_layer(plan: PullPlan, store: Store, lp: LayerPlan, work: Path, meter: _
         plan.client, plan.repo, lp.descriptor, work / lp.descriptor["digest"][7:], meter, key
     )
     decompress_layer(blob, out, lp.diff_id, max(MIN_OUTPUT_BOUND, OUTPUT_FACTOR * lp.size))
+    blob.unlink(missing_ok=True)  # only the uncompressed tar is imported
     meter.progress.finish(key, "done")
     return out
+
+
+def _get_layers(
+    plan: PullPlan,
+    store: Store,
+    todo: Sequence[LayerPlan],
+    work: Path,
+    meter: _Meter,
+    jobs: int,
+) -> dict[int, Path]:
+    """Fetch and rebuild the missing layers in parallel; the first hard failure cancels the
+    rest without waiting for running downloads (they die with their temporary directory)."""
+    ex = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="layer")
+    futures = {lp.index: ex.submit(_get_layer, plan, store, lp, work, meter) for lp in todo}
+    paths: dict[int, Path] = {}
+    try:
+        for index, fut in futures.items():
+            paths[index] = fut.result()
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+    return paths
 
 
 def execute_plan(
@@ -735,17 +759,7 @@ def execute_plan(
         todo = plan.missing
         paths: dict[int, Path] = {}
         if todo:
-            with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as ex:
-                futures = {
-                    lp.index: ex.submit(_get_layer, plan, store, lp, work, meter) for lp in todo
-                }
-                try:
-                    for index, fut in futures.items():
-                        paths[index] = fut.result()
-                except BaseException:
-                    for fut in futures.values():
-                        fut.cancel()
-                    raise
+            paths = _get_layers(plan, store, todo, work, meter, options.jobs)
         progress.close()
         tars = [
             LayerTar(
@@ -772,8 +786,6 @@ def execute_plan(
         )
         if not imported.cache_written:
             log.warning("%s", imported.message)
-        if not options.keep_downloads:
-            pass  # the temporary directory goes away with the context
     result.status = "pulled"
     result.image_id = imported.image_id
     result.fetched_bytes = plan.overhead + meter.total
@@ -936,6 +948,7 @@ def pull(
         if dry_run:
             return plan_pull(ref_text, store, pool, options)
         with store_lock(store, notify, options.lock_timeout):
+            plan: PullPlan | None = None
             try:
                 plan = plan_pull(ref_text, store, pool, options)
                 result = execute_plan(plan, store, options, progress)
@@ -948,8 +961,7 @@ def pull(
                 reason = _one_line(exc)
                 notify(f"delta pull failed ({reason}); running a plain podman pull")
                 image_id = plain_pull(ref_text, store, options, quiet)
-                plan_bytes = locals().get("plan")
-                plain = plan_bytes.plain_bytes if isinstance(plan_bytes, PullPlan) else 0
+                plain = plan.plain_bytes if plan is not None else 0
                 result = PullResult(
                     reference=ref_text,
                     status="plain",

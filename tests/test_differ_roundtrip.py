@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import io
-import os
 import random
 import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -191,7 +192,7 @@ def test_code_moved_between_files_is_found(tmp_path: Path) -> None:
         tmp_path / "old.tar", [("pkg/alpha.py", "file", a, {}), ("pkg/beta.py", "file", b, {})]
     )
     new = make_tar(tmp_path / "new.tar", [("pkg/core/merged.py", "file", merged, {})])
-    literal = len(DiffOptions and __import__("zstandard").ZstdCompressor(level=19).compress(merged))
+    literal = len(zstandard.ZstdCompressor(level=19).compress(merged))
     size, records = roundtrip([old], new, tmp_path, format="tardf1")
     opened = {r.name for r in records if r.op is Op.OPEN}
     assert opened == {b"pkg/alpha.py", b"pkg/beta.py"}
@@ -271,10 +272,6 @@ def test_incompressible_new_layer_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_diff_and_compressed_inputs(tmp_path: Path) -> None:
-    import gzip
-
-    import zstandard
-
     blob = text(13, 2000)
     old = make_tar(tmp_path / "old.tar", [("x.py", "file", blob, {})])
     new = make_tar(tmp_path / "new.tar", [("x.py", "file", blob + b"# more\n", {})])
@@ -300,21 +297,62 @@ def test_diff_to_unseekable_stream(tmp_path: Path) -> None:
     blob = rand(14, 10_000)
     old = make_tar(tmp_path / "old.tar", [("a", "file", blob, {})])
     new = make_tar(tmp_path / "new.tar", [("a", "file", blob[:5000] + b"!" + blob[5001:], {})])
-    r, w = os.pipe()
-    with os.fdopen(w, "wb") as wf:
-        wf.seekable = lambda: False  # type: ignore[method-assign]
-        buf = io.BytesIO()
+    buf = io.BytesIO()
 
-        class Pipe(io.RawIOBase):
-            def writable(self) -> bool:
-                return True
+    class Pipe(io.RawIOBase):
+        """A write-only, unseekable sink like stdout on a pipe."""
 
-            def write(self, b) -> int:  # type: ignore[override]
-                return buf.write(b)
+        def writable(self) -> bool:
+            return True
 
-        stats = diff([old], new, Pipe(), DiffOptions(check_size=False))
-    os.close(r)
+        def write(self, b) -> int:  # type: ignore[override]
+            return buf.write(b)
+
+    stats = diff([old], new, Pipe(), DiffOptions(check_size=False))
     assert len(buf.getvalue()) == stats.delta_size
     out = io.BytesIO()
     apply(io.BytesIO(buf.getvalue()), open_source([old]), out)
     assert out.getvalue() == new.read_bytes()
+
+
+# --------------------------------------------------------------------------- big files
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_big_files_are_diffed_in_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, huge: bool
+) -> None:
+    from podman_delta.tardiff import differ
+
+    if huge:  # stream the file from the writer thread instead of holding it
+        monkeypatch.setattr(differ, "HUGE", 200_000)
+    blob = rand(15, 600_000)
+    changed = blob[:100_000] + rand(16, 3000) + blob[100_000:400_000] + b"tail" + blob[400_000:]
+    same = rand(17, 300_000)
+    old = make_tar(
+        tmp_path / "old.tar", [("big.bin", "file", blob, {}), ("same.bin", "file", same, {})]
+    )
+    new = make_tar(
+        tmp_path / "new.tar", [("big.bin", "file", changed, {}), ("copy.bin", "file", same, {})]
+    )
+    size, records = roundtrip([old], new, tmp_path, format="tardf1", max_bsdiff_size=128 << 10)
+    assert size < 12_000
+    assert any(r.op is Op.COPY and r.size == len(same) for r in records)
+
+
+def test_overwritten_paths_are_never_sources(tmp_path: Path) -> None:
+    first, second = rand(18, 30_000), rand(19, 30_000)
+    old1 = make_tar(
+        tmp_path / "old1.tar",
+        [
+            ("a", "file", first, {}),
+            ("a", "file", second, {}),
+            ("d", "dir", None, {}),
+            ("d/inner", "file", first, {}),
+        ],
+    )
+    old2 = make_tar(tmp_path / "old2.tar", [("d", "symlink", "elsewhere", {})])
+    new = make_tar(tmp_path / "new.tar", [("x", "file", first, {}), ("y", "file", second, {})])
+    _, records = roundtrip([old1, old2], new, tmp_path)
+    assert [r.name for r in records if r.op is Op.OPEN] == [b"a"]
+    assert sum(r.size for r in records if r.op is Op.DATA) > len(first)

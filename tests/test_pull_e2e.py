@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from podman_delta.cli import main
 from tests.support.podman import (
@@ -170,7 +171,14 @@ def test_delta_pull_matches_plain_pull(reg: Registry, cache: Path, tmp_path: Pat
     assert not set(blob_digests(reg, pair.repo)) & set(pair.v2.compressed_digests)
 
     # and the image runs
-    run = p.run("run", "--rm", pair.v2.reference, "/bin/sh", "-c", "read a </app/version; read b </app/new; echo $a $b")
+    run = p.run(
+        "run",
+        "--rm",
+        pair.v2.reference,
+        "/bin/sh",
+        "-c",
+        "read a </app/version; read b </app/new; echo $a $b",
+    )
     assert run.stdout == "2 added in v2\n"
     gone = p.run(
         "run", "--rm", pair.v2.reference, "/bin/sh", "-c", "test -e /app/gone", check=False
@@ -237,13 +245,21 @@ def test_dry_run_fetches_no_layer_and_changes_nothing(
     before = p.image_ids()
     reg.clear_log()
     text = delta_pull(p, pair.v2.reference, "--dry-run").stdout
-    assert "layer 1/2" in text and "layer 2/2" in text and "delta from 2 local layer(s)" in text
+    assert "layer 1/2" in text and "layer 2/2" in text and text.count("delta from") == 2, text
     assert "would fetch" in text
     plan = json.loads(delta_pull(p, pair.v2.reference, "--dry-run", "--json").stdout)
     assert [la["how"] for la in plan["layers"]] == ["delta", "delta"]
     assert plan["planned_bytes"] < plan["plain_bytes"] / 4
     assert blob_digests(reg, pair.repo) == [pair.v2.config_digest] * 2
     assert p.image_ids() == before
+
+    # a short name resolves through registries.conf, as podman resolves it
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'unqualified-search-registries = ["{reg.host}"]\n')
+    p.env["CONTAINERS_REGISTRIES_CONF"] = str(conf)
+    short = json.loads(delta_pull(p, "e2e/dry:v2", "--dry-run", "--json").stdout)
+    assert short["reference"] == pair.v2.reference
+    assert short["manifest_digest"] == pair.v2.manifest_digest
 
 
 def test_unknown_image_fails_with_registry_exit_code(
@@ -284,7 +300,12 @@ def test_concurrent_pulls_are_serialized(reg: Registry, cache: Path, tmp_path: P
     p = Podman(tmp_path / "a")
     p.pull(pair.v1.reference)
     lock = p.runroot / "podman-delta.lock"
-    cmd_env = p.environ()
+    slow = tmp_path / "slow-podman"  # the first run holds the lock for a few seconds
+    slow.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = load ] && sleep 4; done\nexec podman "$@"\n'
+    )
+    slow.chmod(0o755)
+    cmd_env = p.environ() | {"PODMAN_DELTA_REAL_PODMAN": str(slow)}
     args = [
         sys.executable,
         "-m",
@@ -292,7 +313,6 @@ def test_concurrent_pulls_are_serialized(reg: Registry, cache: Path, tmp_path: P
         "pull",
         "--json",
         "--tls-verify=false",
-        "--limit-rate=200k",  # keeps the first run busy for a moment
         f"--root={p.root}",
         f"--runroot={p.runroot}",
         f"--storage-driver={p.driver}",
@@ -309,7 +329,7 @@ def test_concurrent_pulls_are_serialized(reg: Registry, cache: Path, tmp_path: P
     else:
         first.kill()
         pytest.fail("the first pull never took the lock")
-    second = delta_pull(p, pair.v2.reference, "--json", "--limit-rate=200k")
+    second = delta_pull(p, pair.v2.reference, "--json")
     out1, err1 = first.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert f"waiting for another podman-delta run (pid {first.pid}" in second.stderr
@@ -317,3 +337,52 @@ def test_concurrent_pulls_are_serialized(reg: Registry, cache: Path, tmp_path: P
     assert r1["status"] == "pulled"
     assert r2["status"] == "up-to-date"  # it waited, then found the image complete
     assert len(reg.blob_gets(pair.repo)) > 0
+
+
+def test_prepull_wrapper_runs_delta_pull(reg: Registry, cache: Path, tmp_path: Path) -> None:
+    """hooks/podman → ``podman-delta pull --quiet …`` → the real podman pull: no layer blob."""
+    pair = push_pair(reg.host, "e2e/wrapper", 7)
+    publish(reg, pair)
+    p = Podman(tmp_path / "a")
+    p.pull(pair.v1.reference)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shim = bindir / "podman-delta"
+    shim.write_text(f'#!/bin/sh\ncd {ROOT} && exec {sys.executable} -m podman_delta "$@"\n')
+    shim.chmod(0o755)
+    env = p.environ() | {
+        "PODMAN_DELTA_BIN": str(shim),
+        "PODMAN_DELTA_REAL_PODMAN": "/usr/bin/podman",
+        "PODMAN_DELTA_VERBOSE": "1",
+    }
+    reg.clear_log()
+    cmd = [str(ROOT / "hooks/podman"), *p.global_args(), "pull", "--tls-verify=false"]
+    proc = subprocess.run(
+        [*cmd, pair.v2.reference], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == pair.v2.config_digest.split(":")[1]  # podman's own output
+    fetched = blob_digests(reg, pair.repo)
+    assert not set(fetched) & set(pair.v2.compressed_digests), proc.stderr
+    assert any(d not in pair.v2.compressed_digests for d in fetched)  # the deltas
+
+
+def test_every_layer_present_under_another_tag(reg: Registry, cache: Path, tmp_path: Path) -> None:
+    """Nothing to download: the image is only named (no blob but the config is fetched)."""
+    pair = push_pair(reg.host, "e2e/retag", 8)
+    p = Podman(tmp_path / "a")
+    p.pull(pair.v2.reference)
+    latest = f"{pair.v2.repo}:latest"
+    r = requests.put(
+        f"http://{reg.host}/v2/{pair.repo}/manifests/latest",
+        data=pair.v2.manifest,
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    reg.clear_log()
+    result = json.loads(delta_pull(p, latest, "--json").stdout)
+    assert result["status"] == "pulled" and result["layers"]["reused"] == 2
+    assert result["plain_bytes"] == len(pair.v2.config)
+    assert not set(blob_digests(reg, pair.repo)) & set(pair.v2.compressed_digests)
+    assert latest in p.inspect(latest)["RepoTags"]

@@ -14,7 +14,7 @@ DESCRIPTION = """\
 Make a delta that rebuilds the NEW layer tar from the contents of the OLD layer tars.
 
 OLD tars are given lowest layer first (extraction order); whiteouts in later ones are honoured.
-Inputs may be uncompressed, gzip or zstd tars (sniffed, not guessed from the name).
+Inputs may be uncompressed, gzip, zstd, bzip2 or xz tars (sniffed, not guessed from the name).
 
 Formats: 'tardf1' uses ops 0-4 only and applies with every tar-patch, including Go tar-patch
 v0.1.2. 'tardf2' may also use op 5 (a zstd frame with an old file as dictionary), which only
@@ -37,7 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("new", metavar="NEW", help="new layer tar")
     parser.add_argument("delta", metavar="DELTA", help="delta file to write")
     parser.add_argument(
-        "--format", choices=["auto", "tardf1", "tardf2"], default="auto", help="(default: auto)"
+        "--format",
+        choices=["auto", "tardf1", "tardf2"],
+        default="auto",
+        help="delta format (default: auto, see above)",
     )
     parser.add_argument(
         "--compression-level",

@@ -15,11 +15,15 @@ and keeps the one whose ops compress smallest:
 * **zstd dictionary frame** (op 5, ``tardf2`` only) with the best single source as raw dictionary;
 * **literal** DATA.
 
+Candidates are compared by the size of their ops compressed at a mid level (9): at level 3 the
+comparison wrongly favours bsdiff over the dictionary frame for binaries. Only the winning
+dictionary frame is redone at the final level, since dictionary loading is the slow part.
+
 Format choice (``DiffOptions.format``): ``tardf1`` uses ops 0-4 only and applies with Go
 tar-patch v0.1.2. ``tardf2`` also allows op 5. ``auto`` (the default) allows op 5 per file only
 where it beats every op 0-4 encoding of that file, and writes a ``tardf1`` delta whenever no op 5
-ended up in the stream, so the result is the smaller delta that every applier accepts whenever
-op 5 does not pay.
+ended up in the stream (the magic is fixed up afterwards), so the result is the delta every
+applier accepts whenever op 5 does not pay. Real layers usually gain 1-3 % from op 5.
 
 Work runs in a thread pool (bsdiff4 and zstandard release the GIL); results are written in tar
 order with a bounded look-ahead, and bsdiff jobs reserve memory from a budget so peak RSS stays
@@ -74,15 +78,23 @@ TINY = 96
 #: bsdiff needs about this many bytes of RAM per reference byte (two suffix arrays + copies).
 BSDIFF_RAM_PER_BYTE = 18
 #: Memory the workers may reserve for bsdiff and dictionary compression together.
-WORK_BUDGET = 640 << 20
+WORK_BUDGET = 512 << 20
 #: Largest reference for op 5 (the applier holds it in memory as a dictionary).
 MAX_ZSTD_DICT_SOURCE = 128 << 20
 #: Level used to compare candidate encodings of one file (fast; relative sizes are what count).
 ESTIMATE_LEVEL = 9
+#: Percentage charged on a dictionary frame's size when comparing it with other encodings.
+ZDICT_MARGIN = int(os.environ.get("PD_MARGIN", "103"))
+#: ... and on the frame of a substantially changed, compressible file (frame above 10 % of it):
+#: there bsdiff's literal bytes also compress against the rest of the op stream, which a frame
+#: cannot (measured: op 5 everywhere made an OS major-update delta 5 % larger than tardf1).
+ZDICT_MARGIN_CHANGED = int(os.environ.get("PD_MARGIN2", "140"))
 #: Old files besides the best match that may join one bsdiff reference.
 MAX_EXTRA_SOURCES = 4
 #: New bytes allowed in flight (read but not yet written) in the ordered pipeline.
-INFLIGHT_BYTES = 192 << 20
+INFLIGHT_BYTES = 96 << 20
+#: New files above this are streamed window by window instead of being held in memory.
+HUGE = 64 << 20
 
 
 @dataclass
@@ -152,6 +164,13 @@ def _apply(writer: DeltaWriter, ops: OpList) -> None:
             writer.data(op[1])
         elif kind == "zdict":
             writer.zstd_dict(op[1], op[2])
+
+
+def _zdict_cost(frame_size: int, new_size: int, literal_cost: int) -> int:
+    """The size a dictionary frame is charged when compared with op 0-4 encodings."""
+    changed = frame_size * 10 >= new_size and literal_cost * 10 < new_size * 9
+    margin = ZDICT_MARGIN_CHANGED if changed else ZDICT_MARGIN
+    return (frame_size + 8) * margin // 100
 
 
 # --------------------------------------------------------------------------- memory budget
@@ -335,7 +354,7 @@ class _Differ:
             )
             return job
         literal: OpList = [("data", new)]
-        best_cost = self.estimate(new)
+        best_cost = literal_cost = self.estimate(new)
         best: tuple[str, OpList] = ("literal", literal)
         path = entry.bpath
         if not delta_candidate(path):
@@ -349,11 +368,20 @@ class _Differ:
         if not cands:
             job.method, job.result = best
             return job
-        primary = self._rank(cands, new)
+        same_path = self.names.by_path.get(path)
+        if same_path in cands and len(new) // 2 <= same_path.size <= 2 * len(new):
+            primary = same_path  # by far the usual best match: skip the ranking work
+        else:
+            primary = self._rank(cands, new)
         extras = self._extras(primary, hits, len(new))
         fallback, fallback_cost = best, best_cost
         for method, ops in self._encodings(primary, extras, new):
-            cost = self.estimate(_serialize(ops)) if method != "zstd_dict" else len(ops[-1][1]) + 8
+            if method == "zstd_dict":
+                # The frame is opaque to the outer compressor while other ops still shrink at
+                # the final level: charge it a margin so op 5 is used only where it clearly pays.
+                cost = _zdict_cost(len(ops[-1][1]), len(new), literal_cost)
+            else:
+                cost = self.estimate(_serialize(ops))
             if cost < best_cost:
                 best_cost, best = cost, (method, ops)
             if method != "zstd_dict" and cost < fallback_cost:
@@ -426,21 +454,59 @@ class _Differ:
         else:
             yield "bsdiff", self._windowed_bsdiff(source, new)
 
+    def stream_huge(self, writer: DeltaWriter, entry: TarEntry) -> str:
+        """Encode a file too big to hold in memory: whole COPY, windowed bsdiff or literal.
+
+        Runs in the writer's thread, one window at a time, so memory stays bounded by the
+        bsdiff cap whatever the file size.
+        """
+        h = hashlib.sha256()
+        for start in range(0, entry.size, 8 << 20):
+            h.update(self._read_new(entry, start, min(8 << 20, entry.size - start)))
+        same = self.by_digest.get((entry.size, h.digest()))
+        if same is not None:
+            writer.open(same.name)
+            writer.copy(same.size, at=0)
+            return "copied"
+        source = None
+        if delta_candidate(entry.bpath):
+            cands = self.names.candidates(entry.bpath, entry.size)
+            source = next((f for f in cands if delta_candidate(f.path)), None)
+        window = max(64 << 10, self.options.max_bsdiff_size // 2)
+        for start in range(0, entry.size, window):
+            chunk = self._read_new(entry, start, min(window, entry.size - start))
+            ops: OpList = [("data", chunk)]
+            if source is not None:
+                diffed = self._window_ops(source, chunk, start * source.size // entry.size, window)
+                if self.estimate(_serialize(diffed)) < self.estimate(chunk):
+                    ops = diffed
+            _apply(writer, ops)
+            _flush_large_data(writer)
+        return "literal" if source is None else "bsdiff"
+
+    def _read_new(self, entry: TarEntry, start: int, n: int) -> bytes:
+        data = os.pread(self.new_fd, n, entry.data_offset + start)
+        if len(data) != n:
+            raise DeltaError("new tar is truncated: re-create it and retry")
+        return data
+
+    def _window_ops(self, source: OldFile, chunk: bytes, centre: int, window: int) -> OpList:
+        """bsdiff ``chunk`` against the source region around ``centre``."""
+        lo = max(0, centre - window // 4)
+        hi = min(source.size, centre + len(chunk) + window // 4)
+        if hi <= lo:
+            return [("data", chunk)]
+        ref = self.read_old(source, lo, hi - lo)
+        with self.budget.reserve(BSDIFF_RAM_PER_BYTE * len(ref) + 3 * len(chunk)):
+            return bsdiff_ops([_Segment(source, lo, hi - lo)], ref, chunk)
+
     def _windowed_bsdiff(self, source: OldFile, new: bytes) -> OpList:
         """bsdiff a large file window by window against the proportional region of the source."""
         window = max(64 << 10, self.options.max_bsdiff_size // 2)
         ops: OpList = []
         for i in range(0, len(new), window):
-            chunk = new[i : i + window]
             centre = i * source.size // max(1, len(new))
-            lo = max(0, centre - window // 4)
-            hi = min(source.size, centre + len(chunk) + window // 4)
-            if hi <= lo:
-                ops.append(("data", chunk))
-                continue
-            ref = self.read_old(source, lo, hi - lo)
-            with self.budget.reserve(BSDIFF_RAM_PER_BYTE * len(ref) + 3 * len(chunk)):
-                ops += bsdiff_ops([_Segment(source, lo, hi - lo)], ref, chunk)
+            ops += self._window_ops(source, new[i : i + window], centre, window)
         return ops
 
     def _zdict_frame(self, source: OldFile, new: bytes, level: int) -> bytes | None:
@@ -591,7 +657,9 @@ def _write_ops(
 ) -> Counter:
     """Walk the new tar in order, emitting header bytes as DATA and file contents as ops."""
     counts: Counter = Counter()
-    pending: deque[tuple[int, int, Future | None]] = deque()  # (start, end, job)
+    # (start, end, job): DATA for new-tar bytes [start, end), then the job's ops; a job is a
+    # future, a huge entry streamed by the main thread, or None at the end.
+    pending: deque[tuple[int, int, Future | TarEntry | None]] = deque()
     inflight = 0
     max_jobs = 8 * (pool._max_workers or 1)
 
@@ -601,6 +669,10 @@ def _write_ops(
         if start < end:
             _emit_data(writer, new_fd, start, end)
         if fut is None:
+            return
+        if isinstance(fut, TarEntry):
+            counts[differ.stream_huge(writer, fut)] += 1
+            inflight -= fut.size
             return
         job = fut.result()
         inflight -= job.entry.size
@@ -615,13 +687,13 @@ def _write_ops(
             if entry.type in REGULAR_TYPES and entry.size:
                 counts["literal"] += 1
             continue
-        fut = pool.submit(differ.diff_file, _Job(entry))
-        pending.append((prev, entry.data_offset, fut))
+        job = entry if entry.size > HUGE else pool.submit(differ.diff_file, _Job(entry))
+        pending.append((prev, entry.data_offset, job))
         inflight += entry.size
         prev = entry.data_offset + entry.size
         while pending and (inflight > INFLIGHT_BYTES or len(pending) > max_jobs):
             drain_one()
-        while pending and pending[0][2] is not None and pending[0][2].done():
+        while pending and isinstance(pending[0][2], Future) and pending[0][2].done():
             drain_one()
     pending.append((prev, new_size, None))
     while pending:

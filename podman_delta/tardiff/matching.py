@@ -14,13 +14,14 @@ little CPU, a missed one costs delta size.
 
 from __future__ import annotations
 
+import heapq
 import os
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from podman_delta.tardiff.format import clean_name
+from podman_delta.tardiff.format import MAX_NAME, clean_name
 from podman_delta.tardiff.tarindex import TarEntry
 
 WHITEOUT_PREFIX = b".wh."
@@ -68,9 +69,10 @@ def merge_old_tars(tars: Sequence[Iterable[TarEntry]]) -> list[OldFile]:
     case where the on-disk inode is certainly that content, as in Go tar-diff main).
     """
     merged: dict[bytes, OldFile | None] = {}
+    dirs: set[bytes] = set()  # directories of the merged tree (a file replacing one empties it)
     files: list[OldFile] = []
     for tidx, entries in enumerate(tars):
-        layer: list[tuple[bytes, OldFile | None]] = []
+        layer: list[tuple[bytes, OldFile | None, bool]] = []
         whiteouts: list[bytes] = []
         opaques: list[bytes] = []
         own: dict[bytes, OldFile] = {}  # sources of this tar by their current path
@@ -95,14 +97,20 @@ def merge_old_tars(tars: Sequence[Iterable[TarEntry]]) -> list[OldFile]:
                 own.pop(path, None)
             else:
                 own[path] = item
-            layer.append((path, item))
+            layer.append((path, item, entry.is_dir))
         for gone in whiteouts:
             _remove_tree(merged, gone, include_self=True)
         for directory in opaques:
             _remove_tree(merged, directory, include_self=False)
-        merged.update(layer)
+        for path, item, is_dir in layer:
+            if is_dir:
+                dirs.add(path)
+            elif path in dirs:
+                dirs.discard(path)
+                _remove_tree(merged, path, include_self=False)
+            merged[path] = item
     for path, item in merged.items():
-        if item is not None:
+        if item is not None and len(path) <= MAX_NAME:
             item.names.append(path)
     alive = [f for f in files if f.names]
     for f in alive:
@@ -164,7 +172,7 @@ class NameIndex:
 
         def take(items: Iterable[OldFile], n: int) -> None:
             added = 0
-            ranked = sorted(items, key=lambda f: abs(f.size - size))
+            ranked = heapq.nsmallest(n + len(seen), items, key=lambda f: abs(f.size - size))
             for f in ranked:
                 if len(out) >= limit or added >= n:
                     return

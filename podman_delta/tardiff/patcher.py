@@ -26,7 +26,14 @@ import bsdiff4.core
 import zstandard
 
 from podman_delta.errors import DeltaError, DeltaFormatError, DigestMismatchError, SourceError
-from podman_delta.tardiff.format import CHUNK, MAX_WINDOW, DeltaReader, Op, check_zstd_frame
+from podman_delta.tardiff.format import (
+    CHUNK,
+    MAX_WINDOW,
+    DeltaReader,
+    Op,
+    Record,
+    check_zstd_frame,
+)
 from podman_delta.tardiff.sources import Source, SourceFile
 
 #: Largest source file op 5 may use as a dictionary (the Go writer's own limit).
@@ -35,6 +42,10 @@ MAX_DICT_SOURCE = 512 << 20
 _SMALL = 64 << 10
 _ZEROS = bytes(CHUNK)
 _TRIPLE_TAIL = bytes(16)  # y = 0 extra bytes, z = 0 seek, as bsdiff sign-magnitude int64s
+#: Ops that write nothing (OPEN, SEEK, empty DATA/COPY/ADD) allowed beyond two per output byte.
+#: A writer needs at most two per bsdiff triple (ADD 0 + SEEK), and a triple writes at least one
+#: byte; without a bound, a 2 KB delta expanding to millions of SEEKs burns CPU for hours.
+MAX_IDLE_OPS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -144,25 +155,38 @@ class _Applier:
         self.pos = 0
 
     def run(self) -> None:
+        idle = 0
         try:
             for rec in self.reader:
-                op = rec.op
-                if op is Op.DATA:
-                    for chunk in self.reader.payload():
-                        self.sink.write(chunk)
-                elif op is Op.ADD:
-                    self._add()
-                elif op is Op.SEEK:
-                    self._need_source("SEEK")
-                    self.pos = rec.size
-                elif op is Op.COPY:
-                    self._copy(rec.size)
-                elif op is Op.OPEN:
-                    self._open(rec.name)
-                else:  # Op.ZSTD_DICT; the reader already refused it in tardf1 deltas
-                    self._zstd_dict()
+                before = self.sink.size
+                self._step(rec)
+                if self.sink.size == before:
+                    idle += 1
+                    if idle > MAX_IDLE_OPS + 2 * self.sink.size:
+                        raise DeltaFormatError(
+                            f"delta is corrupt: {idle} ops write nothing ({self.sink.size} "
+                            "bytes written so far); refusing a decompression bomb"
+                        )
         finally:
             self._close_current()
+
+    def _step(self, rec: Record) -> None:
+        """Run one op."""
+        op = rec.op
+        if op is Op.DATA:
+            for chunk in self.reader.payload():
+                self.sink.write(chunk)
+        elif op is Op.ADD:
+            self._add()
+        elif op is Op.SEEK:
+            self._need_source("SEEK")
+            self.pos = rec.size
+        elif op is Op.COPY:
+            self._copy(rec.size)
+        elif op is Op.OPEN:
+            self._open(rec.name)
+        else:  # Op.ZSTD_DICT; the reader already refused it in tardf1 deltas
+            self._zstd_dict()
 
     def _open(self, name: bytes) -> None:
         self._close_current()
