@@ -56,9 +56,10 @@ def _start_child(tmp_path: Path, pm: Podman, imgs: AppImages) -> tuple[subproces
     """Run an import whose final `podman pull` hangs (a slow registry), in a child process."""
     marker = tmp_path / "pulling"
     slow = tmp_path / "podman-slow"
+    # Only the registry pull (by digest) hangs; the staging `pull oci:DIR` runs normally.
     slow.write_text(
         "#!/bin/sh\n"
-        f'case " $* " in *" pull "*) echo $$ > {marker}.tmp; mv {marker}.tmp {marker}; '
+        f'case " $* " in *" pull "*@sha256:*) echo $$ > {marker}.tmp; mv {marker}.tmp {marker}; '
         "exec sleep 120;; esac\n"
         'exec podman "$@"\n'
     )

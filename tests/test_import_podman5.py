@@ -8,6 +8,7 @@ path inside the chroot, so store paths and the staging archive mean the same fil
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -51,7 +52,7 @@ def _run(wrapper: str, opts: StoreOptions, *args: str) -> str:
 
 
 @pytest.mark.parametrize("driver", ["vfs", "overlay"])
-def test_import_with_podman5_sqlite_cache(chroot, registry, driver):  # type: ignore[no-untyped-def]
+def test_import_with_podman5_sqlite_cache(chroot, registry, driver, caplog):  # type: ignore[no-untyped-def]
     shared: Path = chroot.shared_dir
     imgs = push_app_images(registry.host)
     wrapper = str(chroot.wrapper(shared / f"podman5-{driver}"))
@@ -71,6 +72,7 @@ def test_import_with_podman5_sqlite_cache(chroot, registry, driver):  # type: ig
     store = Store(opts)
     registry.clear_log()
     v2 = imgs.v2
+    caplog.set_level(logging.INFO, logger="podman_delta.storage.importer")
     result = import_image(
         store,
         v2.reference,
@@ -87,6 +89,9 @@ def test_import_with_podman5_sqlite_cache(chroot, registry, driver):  # type: ig
         manifest=v2.manifest,
     )
     assert result.cache_written
+    # podman 5 pulled the staging layout as given: no fallback to `podman load`, no retry.
+    retries = ("podman load", "including them")
+    assert not [r for r in caplog.records if any(w in r.getMessage() for w in retries)]
     layer_blobs = set(v2.compressed_digests)
     assert [a for a in registry.blob_gets() if a.path.rsplit("/", 1)[-1] in layer_blobs] == []
     assert blobcache_sqlite.all_pairs(cache.path)[v2.compressed_digests[1]] == v2.diff_ids[1]
