@@ -359,8 +359,9 @@ def main(argv=None) -> int:
         starts.append(members[-2].entry.end_offset)
         bs = bsdiff_attribution(args.bsdiff, members, starts, args.old_tar)
         print(
-            f"whole-tar bsdiff: {bs['bsdiff_triples']:,} triples, control {bs['bsdiff_control_bz2']:,}"
-            f" bytes (bz2); its diff/extra bytes in headers+padding compress to "
+            f"whole-tar bsdiff: {bs['bsdiff_triples']:,} triples, control "
+            f"{bs['bsdiff_control_bz2']:,} bytes (bz2); its diff/extra bytes in headers and "
+            "padding compress to "
             f"{bs['bsdiff_headers_zstd']:,} (ours: header DATA {stats['headers_zstd']:,})"
         )
         _compare(members)

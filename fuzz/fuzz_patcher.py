@@ -18,11 +18,11 @@ import atheris
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with atheris.instrument_imports():
-    import podman_delta.tardiff.format  # noqa: F401
-    import podman_delta.tardiff.patcher  # noqa: F401
+    import podman_delta.tardiff.format
+    import podman_delta.tardiff.patcher
     import podman_delta.tardiff.sources  # noqa: F401
 
-from fuzz.harness import Sandbox, run_one  # noqa: E402
+from fuzz.harness import Sandbox, run_one
 
 SANDBOX: Sandbox | None = None
 

@@ -514,7 +514,8 @@ class RateLimiter:
         self.stamp = time.monotonic()
         self._lock = threading.Lock()
 
-    def consume(self, n: int) -> None:
+    def consume(self, n: int, cancelled: threading.Event | None = None) -> None:
+        """Take ``n`` bytes' worth of tokens, sleeping as needed (cut short by ``cancelled``)."""
         with self._lock:
             now = time.monotonic()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
@@ -522,7 +523,10 @@ class RateLimiter:
             self.tokens -= n
             wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
         if wait > 0:
-            time.sleep(wait)
+            if cancelled is None:
+                time.sleep(wait)
+            else:
+                cancelled.wait(wait)
 
 
 class _Meter:
@@ -534,16 +538,23 @@ class _Meter:
         self.total = 0
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: Set when the run is aborting: running downloads stop at their next chunk instead of
+        #: keeping the process alive (worker threads are joined at exit) until they finish.
+        self.cancelled = threading.Event()
 
     def callback(self, key: str) -> Callable[[str, int, int | None], None]:
         def cb(_digest: str, done: int, _size: int | None) -> None:
+            if self.cancelled.is_set():
+                raise DeltaError("download cancelled: the pull is stopping")
             with self._lock:
                 prev = self._seen.get(key, 0)
                 step = done - prev if done >= prev else done  # a restart counts again
                 self._seen[key] = done
                 self.total += step
             if self.limiter is not None and step > 0:
-                self.limiter.consume(step)
+                self.limiter.consume(step, self.cancelled)
+                if self.cancelled.is_set():
+                    raise DeltaError("download cancelled: the pull is stopping")
             self.progress.update(key, done)
 
         return cb
@@ -728,6 +739,7 @@ def _get_layers(
         for index, fut in futures.items():
             paths[index] = fut.result()
     except BaseException:
+        meter.cancelled.set()
         ex.shutdown(wait=False, cancel_futures=True)
         raise
     ex.shutdown(wait=True)
@@ -950,6 +962,7 @@ def pull(
         with store_lock(store, notify, options.lock_timeout):
             plan: PullPlan | None = None
             try:
+                _remove_stale_staging(store, options)
                 plan = plan_pull(ref_text, store, pool, options)
                 result = execute_plan(plan, store, options, progress)
             except NO_FALLBACK:
@@ -975,6 +988,17 @@ def pull(
         pool.close()
     result.seconds = time.monotonic() - start
     return result
+
+
+def _remove_stale_staging(store: Store, options: PullOptions) -> None:
+    """Remove a staging image a killed run left, BEFORE planning: its layers would count as
+    present, then vanish when the import removes it, and the delta pull would fail."""
+    from podman_delta.storage.importer import _lock_path, remove_stale_staging
+    from podman_delta.storage.locks import exclusive_flock
+
+    with exclusive_flock(_lock_path(store)):
+        if remove_stale_staging(store, options.podman):
+            store.refresh()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -134,7 +134,7 @@ def _bomb(records_head: bytes, unit: bytes, total: int, version: int = 1) -> byt
     cctx = zstandard.ZstdCompressor(level=1)
     with cctx.stream_writer(out, closefd=False) as w:
         w.write(records_head)
-        block = unit * ((4 << 20) // len(unit))
+        block = unit * max(1, (4 << 20) // len(unit))
         left = total
         while left > 0:
             w.write(block[:left])

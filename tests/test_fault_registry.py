@@ -141,7 +141,7 @@ def test_persistent_500_is_one_clear_error(
 ) -> None:
     body = b'{"errors":[{"code":"UNKNOWN","message":"disk on fire"}]}'
     proxy.add(Rule("GET", "/blobs/", status=503, body=body, times=None))
-    with pytest.raises(RegistryServerError, match="HTTP 503.*disk on fire") as info:
+    with pytest.raises(RegistryServerError, match=r"HTTP 503.*disk on fire") as info:
         _fetch(proxy.host, image[1], tmp_path / "blob", retries=2)
     assert "\n" not in str(info.value) and not (tmp_path / "blob").exists()
     assert len(proxy.seen("GET", "/blobs/")) == 3

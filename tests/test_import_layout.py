@@ -158,7 +158,7 @@ def test_leftover_named_after_the_layout_path_is_removed(tmp_path, registry, ima
     config = json.loads(images.v2.config)
     config["config"]["Labels"] = {"left": "over"}
     cfg = json.dumps(config).encode()
-    layout = tmp_path / "podman-delta-import-0a1b" / LAYOUT_DIR
+    layout = tmp_path / "podman-delta-import-0123456789ab" / LAYOUT_DIR
     new_tar = tmp_path / "new.tar"
     new_tar.write_bytes(images.new_tar)
     rows = [
@@ -267,7 +267,10 @@ def test_layout_links_tars_and_copies_across_filesystems(tmp_path):  # type: ign
 def test_staging_names() -> None:
     assert is_staging_name(f"{STAGING_REPO}:0123456789abcdef")
     assert is_staging_name(f"{STAGING_REPO}:latest")
-    assert is_staging_name(f"localhost/tmp/podman-delta-import-ab12/{LAYOUT_DIR}:latest")
+    assert is_staging_name(f"localhost/tmp/podman-delta-import-0123456789ab/{LAYOUT_DIR}:latest")
+    assert is_staging_name(f"localhost/podman-delta-import-0123456789ab/{LAYOUT_DIR}:latest")
+    assert not is_staging_name(f"localhost/podman-delta-import-0123456789ab/{LAYOUT_DIR}:1")
+    assert not is_staging_name(f"localhost/tmp/{LAYOUT_DIR}:latest")  # a user's, maybe
     assert not is_staging_name(f"docker.io/library/{LAYOUT_DIR}:latest")
     assert not is_staging_name("localhost/app:1")
     assert not is_staging_name(f"localhost/{LAYOUT_DIR}x:latest")

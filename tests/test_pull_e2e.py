@@ -280,8 +280,9 @@ def test_broken_import_falls_back_to_plain_pull(reg: Registry, cache: Path, tmp_
     p.pull(pair.v1.reference)
     fake = tmp_path / "podman"
     fake.write_text(
-        '#!/bin/sh\nfor a in "$@"; do [ "$a" = load ] && { echo "load: broken" >&2; exit 125; }\n'
-        'done\nexec podman "$@"\n'
+        # The importer stages with `pull oci:DIR`, falling back to `load`: break both.
+        '#!/bin/sh\nfor a in "$@"; do case "$a" in load|oci:*) echo "load: broken" >&2; '
+        'exit 125;; esac\ndone\nexec podman "$@"\n'
     )
     fake.chmod(0o755)
     p.env["PODMAN_DELTA_REAL_PODMAN"] = str(fake)

@@ -13,6 +13,7 @@ from podman_delta.errors import DeltaError
 from podman_delta.progress import make_progress
 from podman_delta.pull import PullOptions, PullPlan, PullResult, pull
 from podman_delta.storage.config import StoreOptions, add_storage_arguments, options_from_args
+from podman_delta.storage.importer import _terminate_as_interrupt as terminate_as_interrupt
 from podman_delta.storage.store import Store, needs_userns, reexec_in_userns
 
 PULL_HELP = """\
@@ -133,16 +134,19 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     options = pull_options(args, store.options)
     progress = make_progress(quiet=args.quiet or args.json)
-    out = pull(
-        args.image,
-        store,
-        options,
-        progress=progress,
-        dry_run=args.dry_run,
-        quiet=args.quiet or args.json,
-        notify=notifier(args),
-        fallback=not args.no_fallback,
-    )
+    # SIGTERM/SIGHUP (systemd stopping the unit) must clean up like Ctrl-C: without this the
+    # default handler kills us mid-download and leaves the scratch directory behind.
+    with terminate_as_interrupt():
+        out = pull(
+            args.image,
+            store,
+            options,
+            progress=progress,
+            dry_run=args.dry_run,
+            quiet=args.quiet or args.json,
+            notify=notifier(args),
+            fallback=not args.no_fallback,
+        )
     progress.close()
     print_result(out, args)
     return 0

@@ -5,9 +5,10 @@ The flow (containers-integration.md §10):
 1. ``podman pull oci:DIR`` a staging OCI layout directory holding the verified, uncompressed
    layer tars (hard links, not copies) under a *synthetic* config (same DiffIDs, plus a label, so
    its image ID differs from the target's). The layers get the IDs a registry pull computes,
-   because those depend only on DiffIDs. This is about twice as fast as ``podman load`` of an
-   oci-archive, which first unpacks the archive into a temporary directory; ``podman load``
-   stays as the fallback if the ``oci:`` pull fails.
+   because those depend only on DiffIDs. ``podman load`` of an oci-archive, the fallback when
+   the ``oci:`` pull fails, writes each layer three more times before storing it (into the
+   archive, and twice out of it into /var/tmp; podman 4.3.1 writes 3x the layer size there
+   for a load, 1x for a pull of the layout).
 2. Record (compressed digest → DiffID) for the verified layers in the blob-info-cache that the
    installed podman reads.
 3. ``podman pull repo@digest``: c/image finds every layer through the cache, fetches only the
@@ -54,13 +55,22 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 LOCK_NAME = "podman-delta-import.lock"
 #: The staging OCI layout's directory name. podman < 5 ignores the ``oci:DIR:NAME`` name and
-#: calls the image ``localhost/<DIR>:latest``, so a repository ending in this is ours as well.
+#: calls the image ``localhost/<DIR>:latest``: such a name, below our scratch directory, is
+#: a staging name as well (left if a run is killed before it renames the image).
 LAYOUT_DIR = "podman-delta-staging"
+SCRATCH_PREFIX = "podman-delta-import-"
+_PATH_STAGING_NAME = re.compile(
+    rf"localhost/(?:[^:]+/)?{SCRATCH_PREFIX}[0-9a-f]{{12}}/{LAYOUT_DIR}:latest"
+)
 #: One path component of an image name (distribution/reference), and the longest name.
 _NAME_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _NAME_MAX = 255
 #: How long an interrupted podman gets to clean up before it is killed.
 STOP_TIMEOUT_S = 30
+
+
+#: (DiffID, verified tar path or None when the store has the layer, size) per layer.
+_Rows = list[tuple[str, str | None, int]]
 
 
 @dataclass(frozen=True)
@@ -302,7 +312,7 @@ def _scratch_dir(tmpdir: str | os.PathLike[str] | None) -> Iterator[Path]:
     """
     parent = Path(os.path.abspath(tmpdir if tmpdir is not None else tempfile.gettempdir()))
     while True:
-        path = parent / f"podman-delta-import-{secrets.token_hex(6)}"
+        path = parent / f"{SCRATCH_PREFIX}{secrets.token_hex(6)}"
         try:
             path.mkdir(mode=0o700)
             break
@@ -320,10 +330,7 @@ def _lock_path(store: Store) -> Path:
 
 def is_staging_name(name: str) -> bool:
     """A name podman-delta gives a staging image, or podman < 5 gives its ``oci:`` pull."""
-    repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
-    return name.startswith(STAGING_REPO + ":") or (
-        repo.startswith("localhost/") and repo.endswith("/" + LAYOUT_DIR)
-    )
+    return name.startswith(STAGING_REPO + ":") or bool(_PATH_STAGING_NAME.fullmatch(name))
 
 
 def staging_images(store: Store) -> list[tuple[str, list[str]]]:
@@ -443,9 +450,7 @@ def _load(runner: _Podman, store: Store, archive: Path, rows, config: bytes, nam
     return image_id
 
 
-def _check_staged(
-    store: Store, image_id: str, rows: Sequence[tuple[str, str | None, int]], how: str
-) -> None:
+def _check_staged(store: Store, image_id: str, rows: _Rows, how: str) -> None:
     store.refresh()
     img = store.image(image_id)
     if img is None:
@@ -458,26 +463,26 @@ def _check_staged(
         )
 
 
-def _stage(  # type: ignore[no-untyped-def]
-    runner: _Podman, store: Store, rows, config: bytes, name: str, tmp: Path, archive: str
+def _stage(
+    runner: _Podman, store: Store, rows: _Rows, config: bytes, name: str, tmp: Path, archive: str
 ) -> str:
     """Create image ``config`` from ``rows`` under ``name`` (and no other new name); its ID.
 
     ``podman pull oci:DIR`` of a layout of hard links; ``podman load`` of an archive if that
-    fails (it copies every layer twice more, so it is slower, but it is the older path).
+    fails (slower where disk writes are: see the module docstring).
     """
     layout = tmp / LAYOUT_DIR
     try:
         return _pull_layout(runner, store, layout, rows, config, name, tmp)
     except _PodmanFailed as exc:
-        log.warning("`%s` failed; using `podman load` instead", exc)
+        log.warning("`podman pull oci:` failed (%s); using `podman load` instead", exc.detail)
     finally:
         shutil.rmtree(layout, ignore_errors=True)
     return _load(runner, store, tmp / archive, rows, config, name, tmp)
 
 
-def _pull_layout(  # type: ignore[no-untyped-def]
-    runner: _Podman, store: Store, layout: Path, rows, config: bytes, name: str, tmp: Path
+def _pull_layout(
+    runner: _Podman, store: Store, layout: Path, rows: _Rows, config: bytes, name: str, tmp: Path
 ) -> str:
     """``podman pull`` the layout; if omitting stored layers was refused, include them, retry.
 
@@ -679,8 +684,9 @@ def _import_via_pull(
             f"in {cache.path}",
         )
     finally:
-        if staging_id is not None:
-            _remove_staging(runner, store, staging_id, staging)
+        # Also when interrupted after the staging pull made the image but before _stage
+        # returned its ID (SIGTERM while the layout is being removed): look it up by its ID.
+        _remove_staging(runner, store, staging_id or _hex(_sha256_bytes(staging_config)), staging)
         for pulled_id in pulled:  # pulled but not verified/tagged: do not leave it half-done
             runner.try_run("rmi", pulled_id)
 

@@ -33,6 +33,8 @@ MAX_PAYLOAD = 64 << 20
 MAX_WINDOW = 512 << 20
 #: Chunk size used when streaming payloads.
 CHUNK = 1 << 20
+#: DATA/ADD/ZSTD_DICT payloads up to this size come whole from :meth:`DeltaReader.next_op`.
+SMALL_PAYLOAD = 64 << 10
 #: Pending literal bytes are written as one DATA op once this many have gathered (as Go does).
 DATA_FLUSH = 4 << 20
 
@@ -306,6 +308,47 @@ class DeltaReader:
                 )
             self._pending = size
         return Record(op, size)
+
+    def next_op(self) -> tuple[int, int, bytes | None] | None:
+        """Return the next op as ``(op, size, payload)``, or None at the clean end of the delta.
+
+        ``payload`` is the OPEN name, the whole payload of a DATA, ADD or ZSTD_DICT op of at
+        most :data:`SMALL_PAYLOAD` bytes, or None: for a larger payload (stream it with
+        :meth:`payload`) and for COPY and SEEK. Same checks and errors as iterating records.
+        """
+        if self._pending:
+            for _ in self.payload():
+                pass
+        if not self._fill(1):
+            return None
+        rec = self._next_record()
+        if rec.op not in PAYLOAD_OPS:
+            return (rec.op, rec.size, None)
+        if rec.op is Op.OPEN:
+            return (rec.op, rec.size, rec.name)
+        if self._pending <= SMALL_PAYLOAD:
+            data = self._take(self._pending)
+            self._pending = 0
+            return (rec.op, rec.size, data)
+        return (rec.op, rec.size, None)
+
+    def buffered(self) -> tuple[bytes, int]:
+        """Return the decoded bytes at hand and the offset of the next record in them.
+
+        For a caller that parses the simplest records itself, in one loop with local variables
+        (the patcher: a million tiny ops cost more in per-record calls than in the work they
+        do). It must leave every record it does not fully check to :meth:`next_op` and report
+        where it stopped with :meth:`advance`. Call only between ops (no payload pending).
+        """
+        if self._pending:
+            raise RuntimeError("DeltaReader.buffered() called with a payload left unread")
+        return self._buf, self._pos
+
+    def advance(self, pos: int) -> None:
+        """Mark the records before offset ``pos`` of :meth:`buffered`'s bytes as consumed."""
+        if not self._pos <= pos <= len(self._buf):
+            raise ValueError("DeltaReader.advance() outside the buffered bytes")
+        self._pos = pos
 
     def payload(self, chunk: int = CHUNK) -> Iterator[bytes]:
         """Yield the current op's payload in chunks of at most ``chunk`` bytes."""

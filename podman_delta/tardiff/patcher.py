@@ -6,12 +6,17 @@ bytes are read in matching chunks, and the output is hashed and written as it is
 second thread, so sha256 and the write overlap with decoding and ADD). The only unbounded-looking
 allocation is the whole source file that op 5 uses as a zstd dictionary, capped at 512 MiB.
 
-ADD (bytewise addition mod 256) runs in C through ``bsdiff4.core.patch`` with a single control
-triple: a Python loop over bytes would be a hundred times slower.
+ADD (bytewise addition mod 256) runs in C through ``bsdiff4.core.patch``: a Python loop over
+bytes would be a hundred times slower. Real deltas are mostly bsdiff-style ADD/DATA/SEEK triples
+of a few bytes each (1.3 million ops for a Debian major upgrade), where per-op Python work is the
+whole cost; so the applier parses those straight from the reader's buffer in one loop and
+gathers them into *runs*, each applied by a single bsdiff4 call over a bounded source window
+(:class:`_Applier`). Everything else goes op by op with the reader's full checks.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import os
@@ -19,8 +24,9 @@ import queue
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import bsdiff4.core
 import zstandard
@@ -31,7 +37,6 @@ from podman_delta.tardiff.format import (
     MAX_WINDOW,
     DeltaReader,
     Op,
-    Record,
     check_zstd_frame,
 )
 from podman_delta.tardiff.sources import Source, SourceFile
@@ -46,6 +51,16 @@ _TRIPLE_TAIL = bytes(16)  # y = 0 extra bytes, z = 0 seek, as bsdiff sign-magnit
 #: A writer needs at most two per bsdiff triple (ADD 0 + SEEK), and a triple writes at least one
 #: byte; without a bound, a 2 KB delta expanding to millions of SEEKs burns CPU for hours.
 MAX_IDLE_OPS = 1 << 16
+#: Bounds of one run of small ops applied by a single bsdiff4 call: source window and output
+#: bytes. A run also ends with the reader's buffer (about 1 MiB of ops), which bounds its lists.
+_RUN_WINDOW = 16 << 20
+#: Source windows read whole, in all, stay below this plus 16 times the output: a hostile delta
+#: could otherwise make every few bytes of output read a 16 MiB window (real deltas read less
+#: than their output). Past the budget, ops run one by one, reading only what they use.
+_READ_SLACK = 64 << 20
+_RUN_OUTPUT = 4 << 20
+_RUN_COPY = 64 << 10  # COPYs up to this size join a run (as an ADD of zeros)
+_SIGN = 1 << 63  # bsdiff stores a negative seek as its magnitude with the top bit set
 
 
 @dataclass(frozen=True)
@@ -76,11 +91,11 @@ class _Sink:
 
     def __init__(self, out: BinaryIO, max_output: int | None) -> None:
         self._out = out
-        self._max = max_output
+        self.max_output = max_output
         self._hash = hashlib.sha256()
         self._buf = bytearray()
         self.size = 0
-        self._queue: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
+        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(self._DEPTH)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="patch-writer", daemon=True)
         self._thread.start()
@@ -100,10 +115,10 @@ class _Sink:
 
     def write(self, data: bytes) -> None:
         n = len(data)
-        if self._max is not None and self.size + n > self._max:
+        if self.max_output is not None and self.size + n > self.max_output:
             raise DeltaFormatError(
-                f"delta output exceeds the allowed {self._max} bytes: the delta is corrupt or "
-                "not for this layer"
+                f"delta output exceeds the allowed {self.max_output} bytes: the delta is corrupt "
+                "or not for this layer"
             )
         self.size += n
         if n < _SMALL:
@@ -116,10 +131,10 @@ class _Sink:
 
     def _flush(self) -> None:
         if self._buf:
-            piece, self._buf = bytes(self._buf), bytearray()
+            piece, self._buf = self._buf, bytearray()  # handed over whole: no copy
             self._put(piece)
 
-    def _put(self, piece: bytes) -> None:
+    def _put(self, piece: bytes | bytearray) -> None:
         if self._error is not None:
             self._raise()
         self._queue.put(piece)
@@ -144,7 +159,15 @@ class _Sink:
 
 
 class _Applier:
-    """The applier state machine: current source and position (§4.1)."""
+    """The applier state machine: current source and position (§4.1).
+
+    Real deltas are mostly bsdiff-style ADD/DATA/SEEK triples of a few bytes each (a million of
+    them for a distribution upgrade), so per-op Python work dominates. Small ops are therefore
+    gathered into a *run* on the current source, kept as a bsdiff control stream, and applied by
+    one ``bsdiff4.core.patch`` call over a bounded window of the source (:meth:`_flush_run`).
+    Everything else (OPEN, big payloads, ZSTD_DICT, hitting ``max_output``) flushes the run and
+    takes the plain op-by-op path.
+    """
 
     def __init__(self, reader: DeltaReader, source: Source, sink: _Sink) -> None:
         self.reader = reader
@@ -153,40 +176,215 @@ class _Applier:
         self.current: SourceFile | None = None
         self.name = b""
         self.pos = 0
+        self.idle = 0
+        self._window_total = 0  # source bytes read as run windows
+        self._limit = sink.max_output if sink.max_output is not None else 1 << 63
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        # Flat bsdiff control values x, y, z (z already sign-magnitude); the first triple is a
+        # placeholder (0, literal bytes before the first ADD, seek from the window start).
+        self._ctl: list[int] = [0, 0, 0]
+        self._diffs: list[bytes] = []
+        self._extra: list[bytes] = []
+        self._x = 0  # ADD bytes of the open triple
+        self._y = 0  # DATA bytes of the open triple
+        self._cursor = -1  # source offset after the open triple's ADD; -1: no ADD yet
+        self._first = 0  # source offset of the run's first ADD
+        self._lo = 0  # source window of the run's ADDs
+        self._hi = 0
+        self._runlen = 0  # output bytes the run will write
 
     def run(self) -> None:
-        idle = 0
+        reader = self.reader
         try:
-            for rec in self.reader:
-                before = self.sink.size
-                self._step(rec)
-                if self.sink.size == before:
-                    idle += 1
-                    if idle > MAX_IDLE_OPS + 2 * self.sink.size:
-                        raise DeltaFormatError(
-                            f"delta is corrupt: {idle} ops write nothing ({self.sink.size} "
-                            "bytes written so far); refusing a decompression bomb"
-                        )
+            self._hot()
+            while (op := reader.next_op()) is not None:
+                self._slow(*op)
+                self._hot()
+            self._flush_run()
         finally:
             self._close_current()
 
-    def _step(self, rec: Record) -> None:
-        """Run one op."""
-        op = rec.op
-        if op is Op.DATA:
-            for chunk in self.reader.payload():
+    def _slow(self, code: int, size: int, data: bytes | None) -> None:
+        """Run one op the plain way, after flushing the run (it may change the source)."""
+        self._flush_run()
+        before = self.sink.size
+        self._step(code, size, data)
+        if self.sink.size == before:
+            self.idle += 1
+            if self.idle > MAX_IDLE_OPS + 2 * self.sink.size:
+                self._idle_bomb(self.idle, 0)
+
+    def _hot(self) -> None:
+        """Parse and run the simple records at hand straight from the reader's buffer.
+
+        Simple: SEEK, DATA and ADD whose payload is wholly in the buffer, small COPY, on the
+        current source, within the run's bounds and ``max_output``. The loop stops at anything
+        else (OPEN, ZSTD_DICT, big or bad ops, a record cut by the buffer end), leaving it to
+        :meth:`DeltaReader.next_op`, which refills the buffer and raises the exact errors. Run
+        state lives in locals here and in attributes in between.
+        """
+        buf, pos = self.reader.buffered()
+        end = len(buf)
+        safe = end - 11  # a header (op + 10-byte varint) starting before this is all here
+        ctl, diffs, extra = self._ctl, self._diffs, self._extra
+        x, y, cursor, runlen = self._x, self._y, self._cursor, self._runlen
+        lo, hi, src, idle = self._lo, self._hi, self.pos, self.idle
+        cur = self.current
+        src_size = cur.size if cur is not None else -1
+        room = min(self._limit - self.sink.size, _RUN_OUTPUT)  # for runlen
+        idle_base = MAX_IDLE_OPS + 2 * self.sink.size  # + 2 * runlen
+        # Below this, an idle op is surely allowed (runlen only grows): one compare per SEEK.
+        idle_cap = idle_base + 2 * runlen if cur is not None else -1
+        budget = _READ_SLACK + 16 * self.sink.size - self._window_total  # + 16 * runlen
+        while pos < safe:
+            code = buf[pos]
+            size = buf[pos + 1]
+            if size < 0x80:
+                p = pos + 2
+            else:  # multi-byte varint: 2 bytes unrolled (most SEEK offsets), then a loop
+                byte = buf[pos + 2]
+                if byte < 0x80:
+                    size = (size & 0x7F) | byte << 7
+                    p = pos + 3
+                elif buf[pos + 3] < 0x80:
+                    size = (size & 0x7F) | (byte & 0x7F) << 7 | buf[pos + 3] << 14
+                    p = pos + 4
+                else:
+                    size = (size & 0x7F) | (byte & 0x7F) << 7
+                    p, shift = pos + 3, 14
+                    while byte >= 0x80 and shift < 63:
+                        byte = buf[p]
+                        p += 1
+                        size |= (byte & 0x7F) << shift
+                        shift += 7
+                    if byte >= 0x80 or size >= 1 << 64:
+                        break  # overlong: next_op raises the error
+            if code == 4:  # SEEK
+                if idle >= idle_cap and (cur is None or idle >= idle_base + 2 * runlen):
+                    break  # _slow raises the error (or refuses the idle-op bomb)
+                src = size
+                idle += 1
+                pos = p
+                continue
+            if runlen + size > room:
+                break
+            if code == 0:  # DATA (any size: the payload is in the buffer or we stop)
+                q = p + size
+                if q > end:
+                    break
+                if size:
+                    extra.append(buf[p:q])
+                    y += size
+                    runlen += size
+                elif idle >= idle_base + 2 * runlen:
+                    break
+                else:
+                    idle += 1
+                pos = q
+                continue
+            if code == 3:  # ADD
+                q = p + size
+                if q > end:
+                    break
+                data = buf[p:q]
+            elif code == 2 and size <= _RUN_COPY:  # a small COPY is an ADD of zeros
+                q = p
+                data = _ZEROS[:size]
+            else:
+                break
+            if not size:
+                if cur is None or idle >= idle_base + 2 * runlen:
+                    break
+                idle += 1
+                pos = q
+                continue
+            stop = src + size
+            if stop > src_size:
+                break  # no source, or past its end: _slow raises the error
+            if cursor < 0:  # the run's first ADD
+                self._first = lo = src
+                hi = stop
+                ctl[1] = y
+                x, y = size, 0
+            else:
+                nlo = src if src < lo else lo
+                nhi = stop if stop > hi else hi
+                window = nhi - nlo
+                if window > _RUN_WINDOW or window > budget + (runlen << 4):
+                    break  # flush first: too much to read (or read so far) for what is written
+                if src == cursor and not y:  # continues the open triple's ADD
+                    x += size
+                else:  # a new triple; z seeks from the end of the last one
+                    z = src - cursor
+                    ctl += (x, y, z if z >= 0 else -z | _SIGN)
+                    x, y = size, 0
+                lo, hi = nlo, nhi
+            diffs.append(data)
+            runlen += size
+            src = cursor = stop
+            pos = q
+        self.reader.advance(pos)
+        self._x, self._y, self._cursor, self._runlen = x, y, cursor, runlen
+        self._lo, self._hi, self.pos, self.idle = lo, hi, src, idle
+
+    def _idle_bomb(self, idle: int, pending: int) -> None:
+        written = self.sink.size + pending
+        raise DeltaFormatError(
+            f"delta is corrupt: {idle} ops write nothing ({written} bytes written so far); "
+            "refusing a decompression bomb"
+        )
+
+    def _flush_run(self) -> None:
+        """Write the gathered run: one bsdiff4 patch over the source window it reads."""
+        if not self._runlen:
+            self._reset_run()
+            return
+        ctl, extra = self._ctl, b"".join(self._extra)
+        if self._cursor < 0:  # literals only
+            self.sink.write(extra)
+            self._reset_run()
+            return
+        ctl += (self._x, self._y, 0)
+        ctl[2] = self._first - self._lo
+        current = self._need_source("ADD")
+        lo, n = self._lo, self._hi - self._lo
+        window = current.pread(lo, n)
+        self._window_total += n
+        if len(window) != n:
+            self._too_short(current, n, lo)
+        control = array.array("Q", ctl)
+        if sys.byteorder != "little":
+            control.byteswap()
+        diff = b"".join(self._diffs)
+        runlen = self._runlen
+        self._reset_run()
+        self.sink.write(bsdiff4.core.patch(window, runlen, control.tobytes(), diff, extra))
+
+    def _step(self, code: int, size: int, data: bytes | None) -> None:
+        """Run one op the plain way (``data``: its payload if the reader already has it)."""
+        if code == Op.DATA:
+            for chunk in self._payload(data):
                 self.sink.write(chunk)
-        elif op is Op.ADD:
-            self._add()
-        elif op is Op.SEEK:
+        elif code == Op.ADD:
+            self._add(data)
+        elif code == Op.SEEK:
             self._need_source("SEEK")
-            self.pos = rec.size
-        elif op is Op.COPY:
-            self._copy(rec.size)
-        elif op is Op.OPEN:
-            self._open(rec.name)
+            self.pos = size
+        elif code == Op.COPY:
+            self._copy(size)
+        elif code == Op.OPEN:
+            assert data is not None
+            self._open(data)
         else:  # Op.ZSTD_DICT; the reader already refused it in tardf1 deltas
-            self._zstd_dict()
+            self._zstd_dict(data)
+
+    def _payload(self, data: bytes | None) -> Iterator[bytes]:
+        if data is None:
+            yield from self.reader.payload()
+        elif data:
+            yield data
 
     def _open(self, name: bytes) -> None:
         self._close_current()
@@ -207,14 +405,17 @@ class _Applier:
         current = self._need_source("COPY/ADD")
         data = current.pread(self.pos, n)
         if len(data) != n:
-            shown = self.name.decode("utf-8", "backslashreplace")
-            raise SourceError(
-                f"source file {shown!r} is too short ({current.size} bytes; the delta reads "
-                f"{n} bytes at offset {self.pos}): the old tree differs from the one the delta "
-                "was made against"
-            )
+            self._too_short(current, n, self.pos)
         self.pos += n
         return data
+
+    def _too_short(self, current: SourceFile, n: int, offset: int) -> NoReturn:
+        shown = self.name.decode("utf-8", "backslashreplace")
+        raise SourceError(
+            f"source file {shown!r} is too short ({current.size} bytes; the delta reads "
+            f"{n} bytes at offset {offset}): the old tree differs from the one the delta "
+            "was made against"
+        )
 
     def _copy(self, size: int) -> None:
         self._need_source("COPY")
@@ -223,15 +424,15 @@ class _Applier:
             self.sink.write(self._read_source(n))
             size -= n
 
-    def _add(self) -> None:
+    def _add(self, data: bytes | None) -> None:
         self._need_source("ADD")
-        for diff in self.reader.payload():
+        for diff in self._payload(data):
             self.sink.write(add_bytes(self._read_source(len(diff)), diff))
 
-    def _zstd_dict(self) -> None:
+    def _zstd_dict(self, data: bytes | None) -> None:
         current = self._need_source("ZSTD_DICT")
         frame = bytearray()  # grown in place: no second copy of a frame of up to 64 MiB
-        for chunk in self.reader.payload():
+        for chunk in self._payload(data):
             frame += chunk
         check_zstd_frame(frame)  # type: ignore[arg-type]
         if current.size > MAX_DICT_SOURCE:

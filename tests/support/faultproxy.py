@@ -20,6 +20,7 @@ assert that a client stopped reading at its bound. ``log`` records every request
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import socket
@@ -187,9 +188,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self, body: bytes | None, rule: Rule | None) -> None:
         conn = http.client.HTTPConnection(self.proxy.upstream, timeout=60)
         try:
-            fwd = {k: v for k, v in self.headers.items() if k.lower() not in _HOP | {"host"}}
-            fwd["Host"] = self.proxy.upstream
-            conn.request(self.command, self.path, body=body, headers=fwd)
+            # putheader, not a dict: podman sends several Accept lines, all must pass
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", self.proxy.upstream)
+            for k, v in self.headers.items():
+                if k.lower() not in _HOP | {"host", "content-length"}:
+                    conn.putheader(k, v)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
             resp = conn.getresponse()
             self.send_response(resp.status)
             for k, v in resp.getheaders():
@@ -227,10 +234,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _hang_up(self) -> None:
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     # -- bombs
 
