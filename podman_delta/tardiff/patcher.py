@@ -59,7 +59,7 @@ _RUN_WINDOW = 16 << 20
 #: than their output). Past the budget, ops run one by one, reading only what they use.
 _READ_SLACK = 64 << 20
 _RUN_OUTPUT = 4 << 20
-_RUN_COPY = 64 << 10  # COPYs up to this size join a run (as an ADD of zeros)
+_RUN_COPY = 4 << 10  # smaller COPYs join a run as ADDs of zeros (bigger: cheaper read plainly)
 _SIGN = 1 << 63  # bsdiff stores a negative seek as its magnitude with the top bit set
 
 
@@ -228,7 +228,7 @@ class _Applier:
         buf, pos = self.reader.buffered()
         end = len(buf)
         safe = end - 11  # a header (op + 10-byte varint) starting before this is all here
-        ctl, diffs, extra = self._ctl, self._diffs, self._extra
+        ctl, add_diff, add_extra = self._ctl, self._diffs.append, self._extra.append
         x, y, cursor, runlen = self._x, self._y, self._cursor, self._runlen
         lo, hi, src, idle = self._lo, self._hi, self.pos, self.idle
         cur = self.current
@@ -275,7 +275,7 @@ class _Applier:
                 if q > end:
                     break
                 if size:
-                    extra.append(buf[p:q])
+                    add_extra(buf[p:q])
                     y += size
                     runlen += size
                 elif idle >= idle_base + 2 * runlen:
@@ -321,7 +321,7 @@ class _Applier:
                     ctl += (x, y, z if z >= 0 else -z | _SIGN)
                     x, y = size, 0
                 lo, hi = nlo, nhi
-            diffs.append(data)
+            add_diff(data)
             runlen += size
             src = cursor = stop
             pos = q
