@@ -122,52 +122,35 @@ def _missing(name: bytes, why: str = "does not exist") -> SourceNotFoundError:
 
 
 class _FdFile:
-    """A regular file opened from a directory tree."""
+    """A byte range of an open descriptor: a whole file of a tree, or a member of a tar.
 
-    def __init__(self, fd: int, size: int) -> None:
-        self._fd = fd
-        self.size = size
+    ``owns_fd`` says whether :meth:`close` closes the descriptor (a tree's file) or leaves it
+    to its owner (the tar descriptor a :class:`TarSource` shares among its members).
+    """
 
-    def pread(self, offset: int, n: int) -> bytes:
-        if n <= 0 or offset >= self.size:
-            return b""
-        n = min(n, self.size - offset)
-        data = os.pread(self._fd, n, offset)
-        while len(data) < n:  # pread may return less than asked on some filesystems
-            more = os.pread(self._fd, n - len(data), offset + len(data))
-            if not more:
-                break
-            data += more
-        return data
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class _TarFile:
-    """A member of a tar, read in place from the shared tar descriptor."""
-
-    def __init__(self, fd: int, base: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, base: int = 0, owns_fd: bool = True) -> None:
         self._fd = fd
         self._base = base
+        self._owns_fd = owns_fd
         self.size = size
 
     def pread(self, offset: int, n: int) -> bytes:
         if n <= 0 or offset >= self.size:
             return b""
         n = min(n, self.size - offset)
-        data = os.pread(self._fd, n, self._base + offset)
-        while len(data) < n:
-            more = os.pread(self._fd, n - len(data), self._base + offset + len(data))
+        start = self._base + offset
+        data = os.pread(self._fd, n, start)
+        while len(data) < n:  # pread may return less than asked on some filesystems
+            more = os.pread(self._fd, n - len(data), start + len(data))
             if not more:
                 break
             data += more
         return data
 
     def close(self) -> None:
-        pass  # the descriptor belongs to the TarSource
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
 
 
 # --------------------------------------------------------------------------- directories
@@ -477,9 +460,9 @@ class TarSource:
             opaque = opaque or (stacked and path in self._opaque)
         raise AssertionError("unreachable: parts is never empty")
 
-    def _file(self, node: TarNode, name: bytes) -> _TarFile:
+    def _file(self, node: TarNode, name: bytes) -> _FdFile:
         if node.kind is _Kind.REGULAR:
-            return _TarFile(self._fd, node.offset, node.size)
+            return _FdFile(self._fd, node.size, base=node.offset, owns_fd=False)
         if node.kind is _Kind.BROKEN_LINK:
             raise _missing(name, "is a hardlink whose target is not in the tar, so it")
         raise _refuse(name, f"is a {node.kind.value}")
