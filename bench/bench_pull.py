@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -341,10 +342,14 @@ def run_pair(args: argparse.Namespace, key: str, reg: Registry, work: Path) -> l
             print(f"[{key}] zstd:chunked unavailable: {exc.stderr[-300:]}", file=sys.stderr)
             chunked = False
     rows = []
+    kinds = ("plain", "delta", *(["chunked"] if chunked else []))
+    # Interleave the tools and repeat: the kernel's cost of creating a layer's files drifts by
+    # a factor of 2-3 over minutes on this VM, so one run of each can mislead.
+    plan = [(mbit, rep, kind) for mbit in args.mbit for rep in range(args.repeat) for kind in kinds]
     for mbit in args.mbit:
         with Link(reg.host, mbit) as link:
-            for kind in ("plain", "delta", *(["chunked"] if chunked else [])):
-                print(f"[{key}] {mbit} Mbit/s: {kind}", file=sys.stderr)
+            for _, rep, kind in [p for p in plan if p[0] == mbit]:
+                print(f"[{key}] {mbit} Mbit/s: {kind} (run {rep + 1})", file=sys.stderr)
                 r = repo + "-chunked" if kind == "chunked" else repo
                 try:
                     row = measure(kind, reg, link, r, work, args.driver)
@@ -356,18 +361,35 @@ def run_pair(args: argparse.Namespace, key: str, reg: Registry, work: Path) -> l
     return rows
 
 
+def _medians(rows: list[dict]) -> dict[tuple, dict]:
+    """One row per (pair, link, tool): the median time over the repeated runs."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["pair"], r["mbit"], r["kind"]), []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            out[key] = runs[0]
+            continue
+        times = sorted(r["seconds"] for r in ok)
+        out[key] = {**ok[0], "seconds": statistics.median(times), "all_seconds": times}
+    return out
+
+
 def table(rows: list[dict], driver: str) -> str:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         f"Generated {when} by `bench/bench_pull.py` ({os.cpu_count()} CPUs, {driver} store "
         "for plain and delta, overlay for zstd:chunked). Bytes: every GET the registry "
-        "served for the update (manifests included); time: wall time of the pull command.",
+        "served for the update (manifests included); time: median wall time of the pull command "
+        "over the repeated, interleaved runs (range in brackets).",
         "",
         "| pair | link | plain pull | podman-delta pull | bytes vs plain | speed-up | "
         "zstd:chunked partial pull |",
         "|---|---|---|---|---|---|---|",
     ]
-    by = {(r["pair"], r["mbit"], r["kind"]): r for r in rows}
+    by = _medians(rows)
     for pair, mbit in sorted({(r["pair"], r["mbit"]) for r in rows}):
         p, d, c = (by.get((pair, mbit, k)) for k in ("plain", "delta", "chunked"))
 
@@ -376,7 +398,10 @@ def table(rows: list[dict], driver: str) -> str:
                 return "n/a"
             if "error" in r:
                 return "failed"
-            return f"{r['bytes'] / 1e6:,.2f} MB, {r['seconds']:.1f} s"
+            spread = ""
+            if len(r["all_seconds"]) > 1:
+                spread = f" ({min(r['all_seconds']):.1f}–{max(r['all_seconds']):.1f})"
+            return f"{r['bytes'] / 1e6:,.2f} MB, {r['seconds']:.1f} s{spread}"
 
         ratio = speed = ""
         if p and d and "bytes" in p and "bytes" in d:
@@ -408,19 +433,20 @@ sudo .venv/bin/python bench/bench_pull.py --pairs A,E,C --mbit 20 100 --driver v
 ```
 
 Options: `--pairs` (A,B,C,E), `--mbit` (link speeds), `--driver overlay|vfs` (plain and
-delta stores), `--no-chunked`, `--out DIR` (`pull-results.json`), `--no-readme`,
-`--render-only` (rebuild the table from `OUT/pull-results.json`). The table
-below is rewritten between the `bench_pull` markers by each run.
+delta stores), `--repeat N` (runs of each tool per link, interleaved; the table shows the
+median and the range), `--no-chunked`, `--out DIR` (`pull-results.json`), `--no-readme`,
+`--render-only` (rebuild the table from `OUT/pull-results.json`). The table below is rewritten
+between the `bench_pull` markers by each run.
 
-Where a delta pull's time goes (pair A, overlay): discovery and planning about 0.5 s, the
-0.9 MB download, patching about 1 s, then the import of the rebuilt 115 MiB tar, which
-dominates: `podman load` of the staging oci-archive takes 7-8 s on overlay, because c/image
-first unpacks the archive and copies the layer blob before extracting it. Measured alone on
-the same tar, `podman pull oci:DIR` of an OCI layout whose blob is a hard link to the rebuilt
-tar takes 3.3 s and `skopeo copy oci:DIR containers-storage:…` 2.5 s, against 7.8 s for
-`podman load`: that change to the importer would bring pair A at 20 Mbit/s from about 2.5× to
-about 4-5× faster than a plain pull. Times on this shared machine vary by ±30 % from run to
-run (load average 6-10 during the run below); byte counts are exact.
+Where a delta pull's time goes (pair A, overlay, 20 Mbit/s, timed step by step): Python
+start-up and imports 0.3 s; resolution, config, discovery and the artifact 0.03 s; the 0.9 MB
+delta download plus patching and sha256 0.65-0.75 s; then the import's staging
+`podman pull oci:DIR` (the rebuilt tar hard-linked into an OCI layout), which is almost all of
+the rest; the tag, the final `podman pull repo@digest` and the staging removal together
+0.3 s. The staging step is podman writing the layer's 6,655 files, the same work a plain pull
+does after its download, and on this VM the kernel's cost of it drifts between 1.8 s and 7 s
+over minutes (same tar, same podman). Hence the interleaved, repeated runs. Byte counts are
+exact.
 
 """
 
@@ -444,6 +470,9 @@ def main() -> int:
     ap.add_argument("--mbit", type=float, nargs="+", default=[20.0, 100.0])
     ap.add_argument("--driver", default="overlay", choices=["overlay", "vfs"])
     ap.add_argument("--no-chunked", action="store_true", help="skip the zstd:chunked column")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each tool per link, interleaved (3)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument(
