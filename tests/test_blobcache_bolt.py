@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from podman_delta.storage.store import Store
 from tests.support.podman import (
     Podman,
     clear_blob_cache,
-    isolated_blob_cache,
     push_app_images,
     push_image,
     shell_rootfs_tar,
@@ -123,12 +121,6 @@ def test_update_file_creates_replaces_and_keeps_mode(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         blobcache_bolt.update_file(path, boom)
     assert path.read_bytes() == before
-
-
-@pytest.fixture
-def blob_cache() -> Iterator[Path]:
-    with isolated_blob_cache() as path:
-        yield path
 
 
 def test_real_podman_keeps_working_after_our_writes(tmp_path, registry, blob_cache, monkeypatch):  # type: ignore[no-untyped-def]

@@ -8,19 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from podman_delta.storage.importer import LayerTar, import_image, staging_images
 from podman_delta.storage.store import Store
 from tests.support.podman import (
     AppImages,
     Podman,
-    clear_blob_cache,
-    isolated_blob_cache,
-    push_app_images,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,19 +31,6 @@ opts = StoreOptions(graph_root=Path(a["root"]), run_root=Path(a["runroot"]), dri
 import_image(Store(opts), a["ref"], a["digest"], a["config"].encode(),
              [LayerTar(*la) for la in a["layers"]], podman=a["podman"], tls_verify=False)
 """
-
-
-@pytest.fixture
-def blob_cache() -> Iterator[Path]:
-    with isolated_blob_cache() as path:
-        yield path
-
-
-@pytest.fixture
-def images(registry, blob_cache) -> AppImages:  # type: ignore[no-untyped-def]
-    imgs = push_app_images(registry.host)
-    clear_blob_cache(blob_cache)
-    return imgs
 
 
 def _start_child(tmp_path: Path, pm: Podman, imgs: AppImages) -> tuple[subprocess.Popen, Path]:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,33 +30,13 @@ from podman_delta.storage.store import Store
 from tests.support.podman import (
     AppImages,
     Podman,
-    clear_blob_cache,
-    isolated_blob_cache,
-    push_app_images,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def blob_cache() -> Iterator[Path]:
-    with isolated_blob_cache() as path:
-        yield path
-
-
-@pytest.fixture
-def images(registry, blob_cache) -> AppImages:  # type: ignore[no-untyped-def]
-    imgs = push_app_images(registry.host)
-    clear_blob_cache(blob_cache)
-    return imgs
-
-
-@pytest.fixture(autouse=True)
-def _podman_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    conf = tmp_path / "containers.conf"
-    conf.write_text('[containers]\nnetns = "none"\n[engine]\nruntime = "runc"\n')
-    monkeypatch.setenv("CONTAINERS_CONF", str(conf))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+#: podman started by the importer uses runc and no host storage.conf.
+pytestmark = pytest.mark.usefixtures("runc_podman_env")
 
 
 def _wrapper(tmp_path: Path, on_oci_pull: str = "") -> tuple[Path, Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,33 +22,13 @@ from tests.support.podman import (
     AppImages,
     Podman,
     clear_blob_cache,
-    isolated_blob_cache,
-    push_app_images,
 )
 
 DRIVERS = ["vfs", "overlay"]
 
 
-@pytest.fixture
-def blob_cache() -> Iterator[Path]:
-    with isolated_blob_cache() as path:
-        yield path
-
-
-@pytest.fixture
-def images(registry, blob_cache) -> AppImages:  # type: ignore[no-untyped-def]
-    imgs = push_app_images(registry.host)
-    clear_blob_cache(blob_cache)
-    return imgs
-
-
-@pytest.fixture(autouse=True)
-def _podman_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """podman started by the importer must use the runc config and no host storage.conf."""
-    conf = tmp_path / "containers.conf"
-    conf.write_text('[containers]\nnetns = "none"\n[engine]\nruntime = "runc"\n')
-    monkeypatch.setenv("CONTAINERS_CONF", str(conf))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+#: podman started by the importer uses runc and no host storage.conf.
+pytestmark = pytest.mark.usefixtures("runc_podman_env")
 
 
 def _layers(imgs: AppImages, new_tar: Path) -> list[LayerTar]:

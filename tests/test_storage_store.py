@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from podman_delta.storage.store import Store
 from podman_delta.tardiff.sources import SourceNotFoundError
 from tests.support.podman import (
     Podman,
-    isolated_blob_cache,
     push_image,
     shell_rootfs_tar,
     tar_bytes,
@@ -136,12 +134,6 @@ def test_reads_wait_for_a_writers_lock(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- real podman stores
-
-
-@pytest.fixture
-def blob_cache() -> Iterator[Path]:
-    with isolated_blob_cache() as path:
-        yield path
 
 
 DRIVERS = {
