@@ -118,6 +118,14 @@ def _missing(name: bytes, why: str = "does not exist") -> SourceNotFoundError:
     )
 
 
+def _open_by_lookup(source: DirSource | TarSource | StackedSource, name: bytes) -> SourceFile:
+    """Open ``name`` through ``source.lookup``, turning a miss into :class:`SourceNotFoundError`."""
+    found = source.lookup(split_name(name), name)
+    if isinstance(found, Found):
+        raise _missing(name, "is whited out" if found is Found.HIDDEN else "does not exist")
+    return found
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -203,10 +211,7 @@ class DirSource:
         self._cache: OrderedDict[tuple[bool, tuple[bytes, ...]], tuple[int, bool]] = OrderedDict()
 
     def open(self, name: bytes) -> SourceFile:
-        found = self.lookup(split_name(name), name)
-        if isinstance(found, Found):
-            raise _missing(name, "is whited out" if found is Found.HIDDEN else "does not exist")
-        return found
+        return _open_by_lookup(self, name)
 
     def lookup(self, parts: list[bytes], name: bytes, stacked: bool = False) -> SourceFile | Found:
         """Find ``parts`` in this tree; with ``stacked``, honour ``.wh.`` and opaque markers."""
@@ -426,10 +431,7 @@ class TarSource:
             self._whiteouts.add(prefix + base[len(WHITEOUT_PREFIX) :])
 
     def open(self, name: bytes) -> SourceFile:
-        found = self.lookup(split_name(name), name)
-        if isinstance(found, Found):
-            raise _missing(name, "is whited out" if found is Found.HIDDEN else "does not exist")
-        return found
+        return _open_by_lookup(self, name)
 
     def lookup(self, parts: list[bytes], name: bytes, stacked: bool = False) -> SourceFile | Found:
         """Find ``parts`` in this tar; with ``stacked``, honour ``.wh.`` and opaque entries."""
@@ -495,10 +497,7 @@ class StackedSource:
         self.layers = list(layers)
 
     def open(self, name: bytes) -> SourceFile:
-        found = self.lookup(split_name(name), name)
-        if isinstance(found, Found):
-            raise _missing(name, "is whited out" if found is Found.HIDDEN else "does not exist")
-        return found
+        return _open_by_lookup(self, name)
 
     def lookup(self, parts: list[bytes], name: bytes, stacked: bool = True) -> SourceFile | Found:
         for layer in self.layers:
