@@ -27,7 +27,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.httpserver import LocalServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te"}
 _CHUNK = 64 << 10
@@ -69,7 +71,7 @@ class Seen:
     rule: str | None  # the action applied, None when forwarded untouched
 
 
-class FaultProxy:
+class FaultProxy(LocalServer):
     """``with FaultProxy(registry.host) as proxy:`` then talk to ``proxy.host``."""
 
     def __init__(self, upstream: str) -> None:
@@ -78,12 +80,6 @@ class FaultProxy:
         self.log: list[Seen] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def host(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.server_address[1]}"
 
     def add(self, rule: Rule) -> Rule:
         with self._lock:
@@ -103,23 +99,8 @@ class FaultProxy:
                 if (method is None or s.method == method) and re.search(pattern, s.path)
             ]
 
-    def __enter__(self) -> FaultProxy:
-        owner = self
-
-        class Handler(_Handler):
-            proxy = owner
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def stopping(self) -> None:
         self._stop.set()  # wakes stalled handlers
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     def _take(self, method: str, path: str, headers: dict[str, str]) -> Rule | None:
         with self._lock:
@@ -131,7 +112,7 @@ class FaultProxy:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    proxy: FaultProxy
+    owner: FaultProxy
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
@@ -146,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         headers = {k: v for k, v in self.headers.items()}
-        rule = self.proxy._take(self.command, self.path, headers)
+        rule = self.owner._take(self.command, self.path, headers)
         body = self._request_body()
         if rule is None:
             self._forward(body, None)
@@ -186,11 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
     # -- forwarding
 
     def _forward(self, body: bytes | None, rule: Rule | None) -> None:
-        conn = http.client.HTTPConnection(self.proxy.upstream, timeout=60)
+        conn = http.client.HTTPConnection(self.owner.upstream, timeout=60)
         try:
             # putheader, not a dict: podman sends several Accept lines, all must pass
             conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", self.proxy.upstream)
+            conn.putheader("Host", self.owner.upstream)
             for k, v in self.headers.items():
                 if k.lower() not in _HOP | {"host", "content-length"}:
                     conn.putheader(k, v)
@@ -202,8 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in resp.getheaders():
                 if k.lower() in _HOP or k.lower() == "content-length":
                     continue
-                if k.lower() == "location" and self.proxy.upstream in v:
-                    v = v.replace(self.proxy.upstream, self.proxy.host)
+                if k.lower() == "location" and self.owner.upstream in v:
+                    v = v.replace(self.owner.upstream, self.owner.host)
                 self.send_header(k, v)
             data = resp.read() if self.command != "HEAD" else b""
             length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
@@ -226,10 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
         part = data[: rule.after]
         self.wfile.write(part)
         self.wfile.flush()
-        with self.proxy._lock:
+        with self.owner._lock:
             rule.sent += len(part)
         if rule.action == "stall":
-            self.proxy._stop.wait(rule.seconds)
+            self.owner._stop.wait(rule.seconds)
         self._hang_up()
 
     def _hang_up(self) -> None:
@@ -258,14 +239,17 @@ class _Handler(BaseHTTPRequestHandler):
             if rule.body:
                 self.wfile.write(rule.body)
                 left -= len(rule.body)
-            while left > 0 and not self.proxy._stop.is_set():
+            while left > 0 and not self.owner._stop.is_set():
                 piece = block[: min(left, _CHUNK)]
                 self.wfile.write(piece)
                 left -= len(piece)
-                with self.proxy._lock:
+                with self.owner._lock:
                     rule.sent += len(piece)
                 if time.monotonic() - start > 120:  # never outlive a test
                     break
         except OSError:  # the client hung up: what we wanted
             pass
         self._hang_up()
+
+
+FaultProxy.handler = _Handler

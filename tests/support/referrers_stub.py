@@ -21,11 +21,12 @@ import http.client
 import json
 import re
 import secrets
-import ssl
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support.httpserver import LocalServer
 
 _REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<digest>sha256:[0-9a-f]{64})$")
 _MANIFEST_PUT = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)$")
@@ -57,7 +58,7 @@ class Fault:
         return self.method in (method, "*") and re.search(self.path, path) is not None
 
 
-class ReferrersProxy:
+class ReferrersProxy(LocalServer):
     """Start with ``with ReferrersProxy(registry.host) as proxy: …``; use ``proxy.host``."""
 
     def __init__(
@@ -80,13 +81,6 @@ class ReferrersProxy:
         self.tokens: set[str] = set()
         self.token_requests: list[dict[str, list[str]]] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def host(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.server_address[1]}"
 
     def add_fault(self, fault: Fault) -> Fault:
         with self._lock:
@@ -97,28 +91,6 @@ class ReferrersProxy:
         return [
             r for r in self.log if (method is None or r[0] == method) and re.search(pattern, r[1])
         ]
-
-    def __enter__(self) -> ReferrersProxy:
-        proxy = self
-
-        class Handler(_Handler):
-            owner = proxy
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        if self.tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(*self.tls)
-            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -266,3 +238,6 @@ class _Handler(BaseHTTPRequestHandler):
         token = secrets.token_hex(16)
         self.owner.tokens.add(token)
         self._send(200, {"Content-Type": "application/json"}, json.dumps({"token": token}).encode())
+
+
+ReferrersProxy.handler = _Handler

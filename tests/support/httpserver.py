@@ -1,0 +1,48 @@
+"""The threaded HTTP server both test proxies run on: 127.0.0.1, an ephemeral port, optional TLS.
+
+A subclass sets ``handler`` to its ``BaseHTTPRequestHandler`` class; each request's handler
+finds the running server object as ``self.owner`` (bound per instance, so several servers of
+the same class can run side by side).
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar, Self
+
+
+class LocalServer:
+    """``with Server(…) as server:`` serves in a daemon thread; ``server.host`` is host:port."""
+
+    handler: ClassVar[type[BaseHTTPRequestHandler]]
+    tls: tuple[str, str] | None = None  # (certificate file, key file): serve HTTPS
+
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def host(self) -> str:
+        assert self._server is not None, "the server is not running"
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        bound = type("Handler", (self.handler,), {"owner": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), bound)
+        self._server.daemon_threads = True
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping()
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def stopping(self) -> None:
+        """Called before shutdown: wake handlers that wait on something (stalls, long polls)."""
