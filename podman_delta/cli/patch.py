@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from podman_delta.cli import HelpFormatter
 from podman_delta.tardiff.patcher import patch_file
 from podman_delta.tardiff.sources import open_source
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Rebuild the new layer tar from a tar-diff delta (tardf1 or tardf2) and the old files.
@@ -37,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "patch",
         help="apply a tar-diff delta to an old tree, producing the new layer tar",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("delta", metavar="DELTA", help="delta file (tardf1/tardf2)")
     parser.add_argument("old", metavar="OLD", help="old tree: directory or layer tar")
@@ -75,5 +73,8 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         source.close()
-    log.info("wrote %d bytes, %s", result.size, result.digest)
+    if getattr(args, "log_level", "warning") in ("info", "debug"):
+        import logging  # only then: logging is not imported at all on the default path
+
+        logging.getLogger(__name__).info("wrote %d bytes, %s", result.size, result.digest)
     return 0

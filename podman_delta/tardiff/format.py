@@ -196,12 +196,53 @@ class _TeeReader(io.RawIOBase):
         return len(data)
 
 
-def check_zstd_frame(frame: bytes) -> None:
-    """Raise :class:`DeltaFormatError` unless ``frame`` holds only complete zstd frames."""
-    tracker = _FrameTracker()
-    tracker.feed(frame)
-    if not tracker.at_boundary or tracker.frames == 0:
+def check_zstd_frame(frame: bytes | bytearray) -> int:
+    """Raise :class:`DeltaFormatError` unless ``frame`` holds only complete zstd frames.
+
+    Returns how many zstd frames (skippable frames aside) it holds.
+
+    The same walk as :class:`_FrameTracker` (frame and block headers, no decompression), over
+    bytes that are all at hand: one loop instead of a state machine fed piece by piece (a layer
+    delta can hold thousands of op-5 frames).
+    """
+    n = len(frame)
+    pos = frames = 0
+    while pos < n:
+        if pos + 4 > n:
+            break
+        magic = int.from_bytes(frame[pos : pos + 4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
+            if pos + 8 > n:
+                break
+            pos += 8 + int.from_bytes(frame[pos + 4 : pos + 8], "little")
+            continue
+        if magic != _FrameTracker._ZSTD_MAGIC:
+            raise DeltaFormatError("delta body is not a zstd stream (bad frame magic)")
+        if pos + 5 > n:
+            break
+        fhd = frame[pos + 4]
+        fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+        fcs = single if fcs_flag == 0 else (2, 4, 8)[fcs_flag - 1]
+        pos += 5 + (1 - single) + (0, 1, 2, 4)[dict_flag] + fcs
+        while True:  # blocks
+            if pos + 3 > n:
+                pos = n + 1  # cut inside the frame
+                break
+            header = int.from_bytes(frame[pos : pos + 3], "little")
+            btype = (header >> 1) & 3
+            if btype == 3:
+                raise DeltaFormatError("delta body is corrupt (reserved zstd block type)")
+            pos += 3 + (1 if btype == 1 else header >> 3)
+            if header & 1:
+                break
+        if fhd & 4:  # content checksum
+            pos += 4
+        if pos > n:
+            break
+        frames += 1
+    if pos != n or frames == 0:
         raise DeltaFormatError("delta is corrupt: truncated zstd frame in a ZSTD_DICT op")
+    return frames
 
 
 # --------------------------------------------------------------------------- reader
@@ -289,25 +330,40 @@ class DeltaReader:
             yield self._next_record()
 
     def _next_record(self) -> Record:
-        code = self._take(1)[0]
-        try:
-            op = Op(code)
-        except ValueError:
-            raise DeltaFormatError(f"delta is corrupt: unknown op {code}") from None
-        if op is Op.ZSTD_DICT and self.version < 2:
+        code, size, name = self._next_header()
+        return Record(Op(code), size, name)
+
+    def _next_header(self) -> tuple[int, int, bytes]:
+        """Read and check one record header: the op code, its size and, for OPEN, the name.
+
+        For DATA, ADD and ZSTD_DICT the payload is left pending. Plain ints, no :class:`Op` or
+        :class:`Record`: the patcher reads ten thousand of these per layer.
+        """
+        buf, pos = self._buf, self._pos
+        fast = pos + 11 <= len(buf)  # the whole header is at hand: parse it in place
+        code = buf[pos] if fast else self._take(1)[0]
+        if code > 5:
+            raise DeltaFormatError(f"delta is corrupt: unknown op {code}")
+        if code == 5 and self.version < 2:
             raise DeltaFormatError("delta is corrupt: ZSTD_DICT op in a tardf1 delta")
-        size = self._read_varint()
-        if op is Op.OPEN:
+        if not fast:
+            size = self._read_varint()
+        elif buf[pos + 1] < 0x80:
+            size = buf[pos + 1]
+            self._pos = pos + 2
+        else:
+            size, self._pos = _varint_at(buf, pos + 1)
+        if code == 1:
             if size > MAX_NAME:
                 raise DeltaFormatError(f"delta is corrupt: OPEN name of {size} bytes (max 4096)")
-            return Record(op, size, self._take(size))
-        if op in PAYLOAD_OPS:
+            return code, size, self._take(size)
+        if code != 2 and code != 4:
             if size > MAX_PAYLOAD:
                 raise DeltaFormatError(
-                    f"delta is corrupt: {op.name} op of {size} bytes (max {MAX_PAYLOAD})"
+                    f"delta is corrupt: {Op(code).name} op of {size} bytes (max {MAX_PAYLOAD})"
                 )
             self._pending = size
-        return Record(op, size)
+        return code, size, b""
 
     def next_op(self) -> tuple[int, int, bytes | None] | None:
         """Return the next op as ``(op, size, payload)``, or None at the clean end of the delta.
@@ -319,18 +375,24 @@ class DeltaReader:
         if self._pending:
             for _ in self.payload():
                 pass
-        if not self._fill(1):
+        if self._pos >= len(self._buf) and not self._fill(1):
             return None
-        rec = self._next_record()
-        if rec.op not in PAYLOAD_OPS:
-            return (rec.op, rec.size, None)
-        if rec.op is Op.OPEN:
-            return (rec.op, rec.size, rec.name)
-        if self._pending <= SMALL_PAYLOAD:
-            data = self._take(self._pending)
+        code, size, name = self._next_header()
+        if code == 1:
+            return (code, size, name)
+        pending = self._pending
+        if not pending:
+            return (code, size, b"" if code != 2 and code != 4 else None)
+        if pending <= SMALL_PAYLOAD:
+            buf, pos = self._buf, self._pos
+            if pos + pending <= len(buf):
+                data = buf[pos : pos + pending]
+                self._pos = pos + pending
+            else:
+                data = self._take(pending)
             self._pending = 0
-            return (rec.op, rec.size, data)
-        return (rec.op, rec.size, None)
+            return (code, size, data)
+        return (code, size, None)
 
     def buffered(self) -> tuple[bytes, int]:
         """Return the decoded bytes at hand and the offset of the next record in them.
@@ -366,6 +428,20 @@ class DeltaReader:
     def read_payload(self) -> bytes:
         """Return the current op's whole payload (bounded by :data:`MAX_PAYLOAD`)."""
         return b"".join(self.payload())
+
+
+def _varint_at(buf: bytes, p: int) -> tuple[int, int]:
+    """Decode the varint at ``buf[p]`` (at least 10 bytes there); return it and its end."""
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = buf[p]
+        p += 1
+        if shift == 63 and byte > 1:
+            raise DeltaFormatError("delta is corrupt: varint overflows 64 bits")
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, p
+    raise AssertionError("unreachable: the tenth byte either ends the varint or overflows")
 
 
 def _read_exact_or_short(fileobj: BinaryIO, n: int) -> bytes:

@@ -11,18 +11,20 @@ bytes would be a hundred times slower. Real deltas are mostly bsdiff-style ADD/D
 of a few bytes each (1.3 million ops for a Debian major upgrade), where per-op Python work is the
 whole cost; so the applier parses those straight from the reader's buffer in one loop and
 gathers them into *runs*, each applied by a single bsdiff4 call over a bounded source window
-(:class:`_Applier`). Everything else goes op by op with the reader's full checks.
+(:class:`_Applier`). OPEN and big COPY records (one or two per changed file) are parsed in the
+same loop; everything else goes op by op with the reader's full checks. COPY reads land directly
+in the output buffers (:class:`_Sink`).
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import hashlib
 import os
 import queue
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import zstandard
 from podman_delta.errors import DeltaError, DeltaFormatError, DigestMismatchError, SourceError
 from podman_delta.tardiff.format import (
     CHUNK,
+    MAX_NAME,
     MAX_WINDOW,
     DeltaReader,
     Op,
@@ -43,8 +46,6 @@ from podman_delta.tardiff.sources import Source, SourceFile
 
 #: Largest source file op 5 may use as a dictionary (the Go writer's own limit).
 MAX_DICT_SOURCE = 512 << 20
-#: Output pieces smaller than this are gathered before hashing and writing.
-_SMALL = 64 << 10
 _ZEROS = bytes(CHUNK)
 _TRIPLE_TAIL = bytes(16)  # y = 0 extra bytes, z = 0 seek, as bsdiff sign-magnitude int64s
 #: Ops that write nothing (OPEN, SEEK, empty DATA/COPY/ADD) allowed beyond two per output byte.
@@ -61,6 +62,9 @@ _READ_SLACK = 64 << 20
 _RUN_OUTPUT = 4 << 20
 _RUN_COPY = 4 << 10  # smaller COPYs join a run as ADDs of zeros (bigger: cheaper read plainly)
 _SIGN = 1 << 63  # bsdiff stores a negative seek as its magnitude with the top bit set
+#: Op-5 frames declaring at most this much content are decoded in one call (bounded memory).
+_ONE_SHOT = 4 << 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True)
@@ -81,63 +85,117 @@ def add_bytes(src: bytes, diff: bytes) -> bytes:
 
 
 class _Sink:
-    """Gathers output pieces, counts them against the limit, and hashes + writes them.
+    """Gathers the output in a few reusable buffers, counts it against the limit, and hashes and
+    writes each full buffer in a worker thread.
 
-    Hashing and writing run in a worker thread (both release the GIL), fed through a small
-    bounded queue so memory stays at a few MiB.
+    sha256 and the write both release the GIL, so they overlap with decoding, ADD and source
+    reads. Buffers are recycled (no page faults for fresh memory per chunk) and COPY reads land
+    in them directly (:meth:`copy`). Memory stays at ``_BUFFERS`` buffers whatever the output
+    size: the producer waits for a free one. (4 MiB buffers measured no faster: more page
+    faults, and the hand-overs between the threads are cheap next to hashing a MiB.)
+    ``out.write`` must not keep the buffer it is given (no io class does).
     """
 
-    _DEPTH = 8
+    _BUFSIZE = 1 << 20
+    _BUFFERS = 8
 
     def __init__(self, out: BinaryIO, max_output: int | None) -> None:
         self._out = out
         self.max_output = max_output
+        self._limit = max_output if max_output is not None else 1 << 63
         self._hash = hashlib.sha256()
-        self._buf = bytearray()
         self.size = 0
-        self._queue: queue.Queue[bytes | bytearray | None] = queue.Queue(self._DEPTH)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self._allocated = 0
+        self._buf = self._new_buffer()
+        self._view = memoryview(self._buf)
+        self._n = 0  # bytes used in the current buffer
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="patch-writer", daemon=True)
         self._thread.start()
 
-    def _work(self) -> None:
-        while True:
-            piece = self._queue.get()
-            if piece is None:
-                return
-            if self._error is not None:
-                continue  # drain so the producer never blocks on a dead consumer
-            try:
-                self._hash.update(piece)
-                self._out.write(piece)
-            except BaseException as exc:
-                self._error = exc
+    def _new_buffer(self) -> bytearray:
+        if self._allocated < self._BUFFERS:  # allocated on demand: small outputs use one
+            self._allocated += 1
+            return bytearray(self._BUFSIZE)
+        return self._free.get()
 
-    def write(self, data: bytes) -> None:
-        n = len(data)
-        if self.max_output is not None and self.size + n > self.max_output:
+    def _work(self) -> None:
+        update, write = self._hash.update, self._out.write
+        while True:
+            item = self._full.get()
+            if item is None:
+                return
+            buf, n = item
+            if self._error is None:  # after an error: only recycle, so the producer never waits
+                try:
+                    with memoryview(buf) as view:
+                        piece = view[:n]
+                        update(piece)
+                        while piece:
+                            done = write(piece)
+                            if done is None:  # a non-blocking raw stream that would block
+                                raise OSError("output stream would block")
+                            piece = piece[done:]
+                except BaseException as exc:
+                    self._error = exc
+            self._free.put(buf)
+
+    def _count(self, n: int) -> None:
+        if self.size + n > self._limit:
             raise DeltaFormatError(
                 f"delta output exceeds the allowed {self.max_output} bytes: the delta is corrupt "
                 "or not for this layer"
             )
         self.size += n
-        if n < _SMALL:
-            self._buf += data
-            if len(self._buf) >= CHUNK:
-                self._flush()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._count(n)
+        used = self._n
+        if used + n < self._BUFSIZE:  # the common case: it fits
+            self._view[used : used + n] = data
+            self._n = used + n
             return
-        self._flush()
-        self._put(data)
+        with memoryview(data) as view:
+            done = 0
+            while done < n:
+                k = min(n - done, self._BUFSIZE - self._n)
+                self._view[self._n : self._n + k] = view[done : done + k]
+                self._n += k
+                done += k
+                if self._n == self._BUFSIZE:
+                    self._ship()
 
-    def _flush(self) -> None:
-        if self._buf:
-            piece, self._buf = self._buf, bytearray()  # handed over whole: no copy
-            self._put(piece)
+    def copy(self, source: SourceFile, offset: int, n: int) -> int:
+        """Append ``n`` bytes of ``source`` at ``offset``, read straight into the buffers.
 
-    def _put(self, piece: bytes | bytearray) -> None:
+        Returns how many bytes were there (less than ``n`` only at the source's end; the caller
+        raises). The caller has checked the output limit.
+        """
+        self.size += n
+        done = 0
+        while done < n:
+            k = min(n - done, self._BUFSIZE - self._n)
+            got = source.readinto(offset + done, self._view[self._n : self._n + k])  # type: ignore[attr-defined]
+            self._n += got
+            done += got
+            if self._n == self._BUFSIZE:
+                self._ship()
+            if got < k:
+                self.size -= n - done
+                break
+        return done
+
+    def _ship(self) -> None:
         if self._error is not None:
             self._raise()
-        self._queue.put(piece)
+        self._full.put((self._buf, self._n))
+        self._view.release()
+        self._buf = self._new_buffer()
+        self._view = memoryview(self._buf)
+        self._n = 0
 
     def _raise(self) -> None:
         err = self._error
@@ -146,7 +204,8 @@ class _Sink:
 
     def finish(self) -> str:
         """Write what is left, wait for the worker and return the hex digest."""
-        self._flush()
+        if self._n:
+            self._ship()
         self.stop()
         if self._error is not None:
             self._raise()
@@ -154,7 +213,7 @@ class _Sink:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._full.put(None)
             self._thread.join()
 
 
@@ -220,114 +279,136 @@ class _Applier:
         """Parse and run the simple records at hand straight from the reader's buffer.
 
         Simple: SEEK, DATA and ADD whose payload is wholly in the buffer, small COPY, on the
-        current source, within the run's bounds and ``max_output``. The loop stops at anything
-        else (OPEN, ZSTD_DICT, big or bad ops, a record cut by the buffer end), leaving it to
-        :meth:`DeltaReader.next_op`, which refills the buffer and raises the exact errors. Run
-        state lives in locals here and in attributes in between.
+        current source, within the run's bounds and ``max_output``. OPEN and big COPY records
+        (one of each per changed file) are parsed here too and run as :meth:`_slow` would.
+        The loop stops at anything else (ZSTD_DICT, big or bad ops, a record cut by the buffer
+        end), leaving it to :meth:`DeltaReader.next_op`, which refills the buffer and raises the
+        exact errors. Run state lives in locals here and in attributes in between.
         """
         buf, pos = self.reader.buffered()
         end = len(buf)
         safe = end - 11  # a header (op + 10-byte varint) starting before this is all here
-        ctl, add_diff, add_extra = self._ctl, self._diffs.append, self._extra.append
-        x, y, cursor, runlen = self._x, self._y, self._cursor, self._runlen
-        lo, hi, src, idle = self._lo, self._hi, self.pos, self.idle
-        cur = self.current
-        src_size = cur.size if cur is not None else -1
-        room = min(self._limit - self.sink.size, _RUN_OUTPUT)  # for runlen
-        idle_base = MAX_IDLE_OPS + 2 * self.sink.size  # + 2 * runlen
-        # Below this, an idle op is surely allowed (runlen only grows): one compare per SEEK.
-        idle_cap = idle_base + 2 * runlen if cur is not None else -1
-        budget = _READ_SLACK + 16 * self.sink.size - self._window_total  # + 16 * runlen
-        while pos < safe:
-            code = buf[pos]
-            size = buf[pos + 1]
-            if size < 0x80:
-                p = pos + 2
-            else:  # multi-byte varint: 2 bytes unrolled (most SEEK offsets), then a loop
-                byte = buf[pos + 2]
-                if byte < 0x80:
-                    size = (size & 0x7F) | byte << 7
-                    p = pos + 3
-                elif buf[pos + 3] < 0x80:
-                    size = (size & 0x7F) | (byte & 0x7F) << 7 | buf[pos + 3] << 14
-                    p = pos + 4
-                else:
-                    size = (size & 0x7F) | (byte & 0x7F) << 7
-                    p, shift = pos + 3, 14
-                    while byte >= 0x80 and shift < 63:
-                        byte = buf[p]
-                        p += 1
-                        size |= (byte & 0x7F) << shift
-                        shift += 7
-                    if byte >= 0x80 or size >= 1 << 64:
-                        break  # overlong: next_op raises the error
-            if code == 4:  # SEEK
-                if idle >= idle_cap and (cur is None or idle >= idle_base + 2 * runlen):
-                    break  # _slow raises the error (or refuses the idle-op bomb)
-                src = size
-                idle += 1
-                pos = p
-                continue
-            if runlen + size > room:
-                break
-            if code == 0:  # DATA (any size: the payload is in the buffer or we stop)
-                q = p + size
-                if q > end:
-                    break
-                if size:
-                    add_extra(buf[p:q])
-                    y += size
-                    runlen += size
-                elif idle >= idle_base + 2 * runlen:
-                    break
-                else:
+        while True:
+            special = -1
+            ctl, add_diff, add_extra = self._ctl, self._diffs.append, self._extra.append
+            x, y, cursor, runlen = self._x, self._y, self._cursor, self._runlen
+            lo, hi, src, idle = self._lo, self._hi, self.pos, self.idle
+            cur = self.current
+            src_size = cur.size if cur is not None else -1
+            room = min(self._limit - self.sink.size, _RUN_OUTPUT)  # for runlen
+            idle_base = MAX_IDLE_OPS + 2 * self.sink.size  # + 2 * runlen
+            # Below this, an idle op is surely allowed (runlen only grows): one compare per SEEK.
+            idle_cap = idle_base + 2 * runlen if cur is not None else -1
+            budget = _READ_SLACK + 16 * self.sink.size - self._window_total  # + 16 * runlen
+            while pos < safe:
+                code = buf[pos]
+                size = buf[pos + 1]
+                if size < 0x80:
+                    p = pos + 2
+                else:  # multi-byte varint: 2 bytes unrolled (most SEEK offsets), then a loop
+                    byte = buf[pos + 2]
+                    if byte < 0x80:
+                        size = (size & 0x7F) | byte << 7
+                        p = pos + 3
+                    elif buf[pos + 3] < 0x80:
+                        size = (size & 0x7F) | (byte & 0x7F) << 7 | buf[pos + 3] << 14
+                        p = pos + 4
+                    else:
+                        size = (size & 0x7F) | (byte & 0x7F) << 7
+                        p, shift = pos + 3, 14
+                        while byte >= 0x80 and shift < 63:
+                            byte = buf[p]
+                            p += 1
+                            size |= (byte & 0x7F) << shift
+                            shift += 7
+                        if byte >= 0x80 or size >= 1 << 64:
+                            break  # overlong: next_op raises the error
+                if code == 4:  # SEEK
+                    if idle >= idle_cap and (cur is None or idle >= idle_base + 2 * runlen):
+                        break  # _slow raises the error (or refuses the idle-op bomb)
+                    src = size
                     idle += 1
-                pos = q
-                continue
-            if code == 3:  # ADD
-                q = p + size
-                if q > end:
+                    pos = p
+                    continue
+                if code == 1 or (code == 2 and size > _RUN_COPY):
+                    if code == 1 and (size > MAX_NAME or p + size > end):
+                        break  # next_op refuses the name or refills the buffer
+                    special = code
                     break
-                data = buf[p:q]
-            elif code == 2 and size <= _RUN_COPY:  # a small COPY is an ADD of zeros
-                q = p
-                data = _ZEROS[:size]
-            else:
-                break
-            if not size:
-                if cur is None or idle >= idle_base + 2 * runlen:
+                if runlen + size > room:
                     break
-                idle += 1
-                pos = q
-                continue
-            stop = src + size
-            if stop > src_size:
-                break  # no source, or past its end: _slow raises the error
-            if cursor < 0:  # the run's first ADD
-                self._first = lo = src
-                hi = stop
-                ctl[1] = y
-                x, y = size, 0
-            else:
-                nlo = src if src < lo else lo
-                nhi = stop if stop > hi else hi
-                window = nhi - nlo
-                if window > _RUN_WINDOW or window > budget + (runlen << 4):
-                    break  # flush first: too much to read (or read so far) for what is written
-                if src == cursor and not y:  # continues the open triple's ADD
-                    x += size
-                else:  # a new triple; z seeks from the end of the last one
-                    z = src - cursor
-                    ctl += (x, y, z if z >= 0 else -z | _SIGN)
+                if code == 0:  # DATA (any size: the payload is in the buffer or we stop)
+                    q = p + size
+                    if q > end:
+                        break
+                    if size:
+                        add_extra(buf[p:q])
+                        y += size
+                        runlen += size
+                    elif idle >= idle_base + 2 * runlen:
+                        break
+                    else:
+                        idle += 1
+                    pos = q
+                    continue
+                if code == 3:  # ADD
+                    q = p + size
+                    if q > end:
+                        break
+                    data = buf[p:q]
+                elif code == 2 and size <= _RUN_COPY:  # a small COPY is an ADD of zeros
+                    q = p
+                    data = _ZEROS[:size]
+                else:
+                    break
+                if not size:
+                    if cur is None or idle >= idle_base + 2 * runlen:
+                        break
+                    idle += 1
+                    pos = q
+                    continue
+                stop = src + size
+                if stop > src_size:
+                    break  # no source, or past its end: _slow raises the error
+                if cursor < 0:  # the run's first ADD
+                    self._first = lo = src
+                    hi = stop
+                    ctl[1] = y
                     x, y = size, 0
-                lo, hi = nlo, nhi
-            add_diff(data)
-            runlen += size
-            src = cursor = stop
-            pos = q
+                else:
+                    nlo = src if src < lo else lo
+                    nhi = stop if stop > hi else hi
+                    window = nhi - nlo
+                    if window > _RUN_WINDOW or window > budget + (runlen << 4):
+                        break  # flush first: too much to read (or read so far) for what is written
+                    if src == cursor and not y:  # continues the open triple's ADD
+                        x += size
+                    else:  # a new triple; z seeks from the end of the last one
+                        z = src - cursor
+                        ctl += (x, y, z if z >= 0 else -z | _SIGN)
+                        x, y = size, 0
+                    lo, hi = nlo, nhi
+                add_diff(data)
+                runlen += size
+                src = cursor = stop
+                pos = q
+            self._x, self._y, self._cursor, self._runlen = x, y, cursor, runlen
+            self._lo, self._hi, self.pos, self.idle = lo, hi, src, idle
+            if special < 0:
+                break
+            # OPEN or a big COPY, whole in the buffer: run it here, sparing next_op's parse.
+            self._flush_run()
+            if special == 1:
+                q = p + size
+                self._open(buf[p:q])
+                pos = q
+                self.idle += 1  # OPEN writes nothing
+                if self.idle > MAX_IDLE_OPS + 2 * self.sink.size:
+                    self._idle_bomb(self.idle, 0)
+            else:
+                self._copy(size)  # writes size > 0 bytes (or raises): not idle
+                pos = p
         self.reader.advance(pos)
-        self._x, self._y, self._cursor, self._runlen = x, y, cursor, runlen
-        self._lo, self._hi, self.pos, self.idle = lo, hi, src, idle
 
     def _idle_bomb(self, idle: int, pending: int) -> None:
         written = self.sink.size + pending
@@ -338,8 +419,7 @@ class _Applier:
 
     def _flush_run(self) -> None:
         """Write the gathered run: one bsdiff4 patch over the source window it reads."""
-        if not self._runlen:
-            self._reset_run()
+        if not self._runlen:  # nothing gathered: the run state is still the reset one
             return
         ctl, extra = self._ctl, b"".join(self._extra)
         if self._cursor < 0:  # literals only
@@ -418,11 +498,30 @@ class _Applier:
         )
 
     def _copy(self, size: int) -> None:
-        self._need_source("COPY")
-        while size:
-            n = min(size, CHUNK)
-            self.sink.write(self._read_source(n))
-            size -= n
+        current = self._need_source("COPY")
+        if not hasattr(current, "readinto"):  # a foreign SourceFile: plain reads
+            while size:
+                n = min(size, CHUNK)
+                self.sink.write(self._read_source(n))
+                size -= n
+            return
+        pos = self.pos
+        avail = max(current.size - pos, 0)
+        room = self.sink._limit - self.sink.size
+        if size > avail or size > room:
+            # The error reading CHUNK by CHUNK would meet first (each piece is read, then
+            # counted): the piece that comes up short, or the one crossing the limit.
+            short_at = avail // CHUNK if size > avail else 1 << 64
+            if short_at <= (room // CHUNK if size > room else 1 << 64):
+                self._copy_short(current, size, pos, short_at * CHUNK)
+            self.sink._count(size)  # raises: over the limit
+        got = self.sink.copy(current, pos, size)
+        if got < size:  # the file shrank since it was opened
+            self._copy_short(current, size, pos, got // CHUNK * CHUNK)
+        self.pos = pos + size
+
+    def _copy_short(self, current: SourceFile, size: int, pos: int, start: int) -> NoReturn:
+        self._too_short(current, min(CHUNK, size - start), pos + start)
 
     def _add(self, data: bytes | None) -> None:
         self._need_source("ADD")
@@ -434,7 +533,7 @@ class _Applier:
         frame = bytearray()  # grown in place: no second copy of a frame of up to 64 MiB
         for chunk in self._payload(data):
             frame += chunk
-        check_zstd_frame(frame)  # type: ignore[arg-type]
+        frames = check_zstd_frame(frame)
         if current.size > MAX_DICT_SOURCE:
             raise DeltaFormatError(
                 f"delta is corrupt: ZSTD_DICT uses a {current.size}-byte dictionary "
@@ -446,12 +545,27 @@ class _Applier:
         del content
         dctx = zstandard.ZstdDecompressor(dict_data=dict_data, max_window_size=MAX_WINDOW)
         try:
-            with dctx.stream_reader(frame, read_across_frames=True) as stream:
-                while chunk := stream.read(CHUNK):
-                    self.sink.write(chunk)
+            if frames == 1 and _small_content(frame):
+                # One frame that declares a small content size (the Go writer's single-segment
+                # frames always do): decode it in one call, straight into a result of that
+                # size, without the stream's window buffer and 1 MiB reads (a layer delta can
+                # hold thousands of these). Bounded memory: _ONE_SHOT at most.
+                self.sink.write(dctx.decompress(frame))
+            else:
+                with dctx.stream_reader(frame, read_across_frames=True) as stream:
+                    while chunk := stream.read(CHUNK):
+                        self.sink.write(chunk)
         except zstandard.ZstdError as exc:
             raise DeltaFormatError(f"delta is corrupt: ZSTD_DICT frame: {exc}") from exc
         self.pos = current.size
+
+
+def _small_content(frame: bytearray) -> bool:
+    """True if ``frame`` starts with a zstd frame whose header declares <= _ONE_SHOT bytes."""
+    if frame[:4] != _ZSTD_MAGIC:  # a skippable frame first: leave it to the stream reader
+        return False
+    size = zstandard.get_frame_parameters(frame).content_size
+    return size <= _ONE_SHOT  # CONTENTSIZE_UNKNOWN is 2**64 - 1
 
 
 def apply(
@@ -535,9 +649,7 @@ def _patch_to_file(
 ) -> PatchResult:
     directory = os.path.dirname(os.path.abspath(out_path))
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(out_path)}.", suffix=".partial", dir=directory
-        )
+        fd, tmp = _create_partial(directory, os.path.basename(out_path))
     except OSError as exc:
         raise DeltaError(f"cannot write into {directory}: {exc.strerror}") from exc
     try:
@@ -556,6 +668,21 @@ def _patch_to_file(
             os.unlink(tmp)
         raise
     return result
+
+
+def _create_partial(directory: str, base: str) -> tuple[int, str]:
+    """Create ``.<base>.<random>.partial`` in ``directory`` exclusively, mode 0600.
+
+    What ``tempfile.mkstemp`` does, without importing tempfile (and random and shutil).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        path = os.path.join(directory, f".{base}.{os.urandom(6).hex()}.partial")
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", directory)
 
 
 def _umask() -> int:
