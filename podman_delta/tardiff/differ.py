@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -91,6 +92,10 @@ ZDICT_MARGIN = 103
 #: there bsdiff's literal bytes also compress against the rest of the op stream, which a frame
 #: cannot (measured: op 5 everywhere made an OS major-update delta 5 % larger than tardf1).
 ZDICT_MARGIN_CHANGED = 140
+#: ``dir/__pycache__/stem.tag.pyc``: groups dir/, stem and .tag.pyc.
+_PYC = re.compile(rb"(.*/)__pycache__/([^/.]+)(\.[^/]+\.pyc)")
+#: Binary old files up to this size are indexed for moved code too.
+MAX_ANCHOR_BINARY = 1 << 20
 #: Old files besides the best match that may join one bsdiff reference.
 MAX_EXTRA_SOURCES = 4
 #: New bytes allowed in flight (read but not yet written) in the ordered pipeline.
@@ -225,7 +230,9 @@ def bsdiff_ops(segments: Sequence[_Segment], ref: bytes, new: bytes) -> OpList:
     """bsdiff ``new`` against ``ref`` (the concatenated ``segments``) and map it to ops.
 
     Each diff block becomes ADD (COPY when it is all zeros) runs, split wherever the reference
-    crosses from one old file to the next; each extra block becomes DATA.
+    crosses from one old file to the next; each extra block becomes DATA. A short diff block
+    that sits between two jumps in the reference goes out as DATA instead: its SEEK (an
+    absolute offset, which compresses badly) costs more than the few literal bytes.
     """
     control, diff, extra = bsdiff4.core.diff(ref, new)
     starts = []
@@ -233,18 +240,39 @@ def bsdiff_ops(segments: Sequence[_Segment], ref: bytes, new: bytes) -> OpList:
     for seg in segments:
         starts.append(acc)
         acc += seg.length
+    triples = [(_signed(x), _signed(y), _signed(z)) for x, y, z in _TRIPLE.iter_unpack(control)]
     ops: OpList = []
-    pos = dpos = epos = 0
-    for x, y, z in _TRIPLE.iter_unpack(control):
-        x, y, z = _signed(x), _signed(y), _signed(z)
+    pos = dpos = epos = npos = 0
+    jumped = True  # the first run needs a SEEK
+    for i, (x, y, z) in enumerate(triples):
+        jumps_after = z != 0 or i + 1 == len(triples)
         if x:
-            _add_run(ops, segments, starts, pos, diff[dpos : dpos + x])
-            dpos += x
+            if jumped and jumps_after and _literal_pays(diff, dpos, x):
+                ops.append(("data", new[npos : npos + x]))
+            else:
+                _add_run(ops, segments, starts, pos, diff[dpos : dpos + x])
+            jumped = jumps_after
+        elif z:
+            jumped = True
         if y:
             ops.append(("data", extra[epos : epos + y]))
             epos += y
+        dpos += x
+        npos += x + y
         pos += x + z
     return ops
+
+
+def _literal_pays(diff: bytes, start: int, n: int) -> bool:
+    """Whether ``n`` literal bytes cost less than a SEEK plus an ADD of this diff block.
+
+    Measured on the compressed op stream: a literal byte of code costs about 0.4 byte, a SEEK
+    with its op codes about 12 bytes, and each non-zero diff byte about one byte.
+    """
+    if n >= 256:
+        return False
+    changed = n - diff.count(0, start, start + n)
+    return 2 * n < 60 + 5 * changed
 
 
 def _add_run(
@@ -295,6 +323,7 @@ class _Differ:
         self.names = NameIndex(files)
         self.by_digest: dict[tuple[int, bytes], OldFile] = {}
         self.allow_zdict = allow_zdict
+        self.new_by_path: dict[bytes, TarEntry] = {}
         self.budget = _Budget(WORK_BUDGET)
         self.anchors = AnchorIndex()
         self._local = threading.local()
@@ -328,7 +357,7 @@ class _Differ:
         for f in self.files:
             if f.size > MAX_ANCHOR_FILE or not delta_candidate(f.path):
                 continue
-            if not is_text(self.read_old(f, 0, min(f.size, 8192))):
+            if f.size > MAX_ANCHOR_BINARY and not is_text(self.read_old(f, 0, min(f.size, 8192))):
                 continue
             self.anchors.add(f, self.read_old(f))
 
@@ -363,7 +392,7 @@ class _Differ:
             job.method, job.result = best
             return job
         cands = [f for f in self.names.candidates(path, entry.size) if delta_candidate(f.path)]
-        hits = self.anchors.lookup(new) if len(new) <= MAX_ANCHOR_FILE and is_text(new) else []
+        hits = self._moved_from(path, new, bool(cands))
         for f, _ in hits[:2]:
             if f not in cands and delta_candidate(f.path):
                 cands.append(f)
@@ -393,6 +422,42 @@ class _Differ:
         job.method, job.result = best
         log.debug("%s: %s, %d bytes -> ~%d", entry.path, best[0], entry.size, best_cost)
         return job
+
+    def _moved_from(self, path: bytes, new: bytes, named: bool) -> list[tuple[OldFile, int]]:
+        """Old files that share sampled lines with ``new``: where its code may have moved from.
+
+        Text files are always looked up. Small binaries (compiled modules, message catalogs)
+        only when nothing matched by name: their strings and docstrings still split into
+        lines, which is how a renamed or split module (``server_cursor`` into
+        ``_server_cursor_base``) is found.
+        """
+        if len(new) > MAX_ANCHOR_FILE:
+            return []
+        if is_text(new):
+            return self.anchors.lookup(new)
+        if named or len(new) > MAX_ANCHOR_BINARY:
+            return []
+        return self._compiled_from(path) or self.anchors.lookup(new)
+
+    def _compiled_from(self, path: bytes) -> list[tuple[OldFile, int]]:
+        """For a new ``__pycache__`` module: the old compiled modules of the moved source.
+
+        A ``.pyc`` follows its ``.py``: when the new source's code came from old sources, the
+        old ``.pyc`` files of those sources are the best references for the new ``.pyc``.
+        """
+        m = _PYC.fullmatch(path)
+        source = self.new_by_path.get(m[1] + m[2] + b".py") if m else None
+        if m is None or source is None or source.size > MAX_ANCHOR_FILE:
+            return []
+        text = os.pread(self.new_fd, source.size, source.data_offset)
+        found = []
+        for old, shared in self.anchors.lookup(text)[:MAX_EXTRA_SOURCES]:
+            head, _, stem = old.path.rpartition(b"/")
+            if stem.endswith(b".py"):
+                pyc = self.names.by_path.get(head + b"/__pycache__/" + stem[:-3] + m[3])
+                if pyc is not None:
+                    found.append((pyc, shared))
+        return found
 
     def _final_zdict(self, ops: OpList, new: bytes) -> tuple[str, OpList] | None:
         """Redo the chosen dictionary frame at the real level (keep the smaller of the two)."""
@@ -582,6 +647,7 @@ def diff(
         differ.index_digests({e.size for e in new_entries if _is_target(e)}, pool)
         t0 = time.monotonic()
         differ.index_anchors()
+        differ.new_by_path = {e.bpath: e for e in new_entries if _is_target(e)}
         log.debug("anchor index built in %.2f s", time.monotonic() - t0)
         stats = DiffStats(new_tar_size=new_size)
         version = 1 if opts.format == "tardf1" else 2
