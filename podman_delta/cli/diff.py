@@ -19,7 +19,8 @@ Inputs may be uncompressed, gzip, zstd, bzip2 or xz tars (sniffed, not guessed f
 Formats: 'tardf1' uses ops 0-4 only and applies with every tar-patch, including Go tar-patch
 v0.1.2. 'tardf2' may also use op 5 (a zstd frame with an old file as dictionary), which only
 newer appliers understand. 'auto' (default) uses op 5 only for files where it beats every other
-encoding and writes a tardf1 delta whenever no op 5 was used.
+encoding. With 'auto' or 'tardf2', a delta that ends up with no op 5 is written as tardf1, so
+every applier accepts it.
 
 Exit code 6 means the delta would not be smaller than the zstd-compressed NEW tar: ship the layer
 instead (no delta file is written).

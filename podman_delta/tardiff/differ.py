@@ -563,6 +563,9 @@ class _Differ:
         if hi <= lo:
             return [("data", chunk)]
         ref = self.read_old(source, lo, hi - lo)
+        if ref[centre - lo : centre - lo + len(chunk)] == chunk:
+            # An unchanged stretch of a big file (the usual case): no need to bsdiff it.
+            return [("open", source.name), ("seek", centre), ("copy", len(chunk))]
         with self.budget.reserve(BSDIFF_RAM_PER_BYTE * len(ref) + 3 * len(chunk)):
             return bsdiff_ops([_Segment(source, lo, hi - lo)], ref, chunk)
 
