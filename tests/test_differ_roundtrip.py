@@ -340,6 +340,73 @@ def test_big_files_are_diffed_in_windows(
     assert any(r.op is Op.COPY and r.size == len(same) for r in records)
 
 
+@pytest.mark.parametrize("huge", [False, True])
+def test_unchanged_windows_of_big_files_are_copied_without_bsdiff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, huge: bool
+) -> None:
+    from podman_delta.tardiff import differ
+
+    if huge:
+        monkeypatch.setattr(differ, "HUGE", 200_000)
+    calls = []
+    real = differ.bsdiff_ops
+    monkeypatch.setattr(differ, "bsdiff_ops", lambda *a: calls.append(1) or real(*a))
+    blob = rand(20, 1_000_000)
+    changed = blob[:700_000] + b"patched" + blob[700_007:]
+    old = make_tar(tmp_path / "old.tar", [("big.bin", "file", blob, {})])
+    new = make_tar(tmp_path / "new.tar", [("big.bin", "file", changed, {})])
+    size, records = roundtrip([old], new, tmp_path, format="tardf1", max_bsdiff_size=128 << 10)
+    assert size < 2_000
+    windows = -(-len(changed) // (64 << 10))
+    assert len(calls) == 1, f"bsdiff ran on {len(calls)} of {windows} windows"
+    assert sum(r.size for r in records if r.op is Op.COPY) >= len(changed) - (64 << 10)
+
+
+def test_short_diff_blocks_between_jumps_become_data(tmp_path: Path) -> None:
+    """Short matches scattered in inserted data would each cost a SEEK: they go out as DATA."""
+    rnd = random.Random(21)
+    old_data = bytes(rnd.randrange(256) for _ in range(200_000))
+    pieces = []
+    for _ in range(400):  # many 20-byte matches scattered over the old file, with new bytes
+        start = rnd.randrange(len(old_data) - 20)
+        pieces.append(old_data[start : start + 20] + bytes(rnd.randrange(256) for _ in range(30)))
+    new_data = old_data[:100_000] + b"".join(pieces) + old_data[100_000:]
+    old = make_tar(tmp_path / "old.tar", [("f.bin", "file", old_data, {})])
+    new = make_tar(tmp_path / "new.tar", [("f.bin", "file", new_data, {})])
+    _, records = roundtrip([old], new, tmp_path, format="tardf1")
+    seeks = sum(r.op is Op.SEEK for r in records)
+    assert seeks < 40, f"{seeks} SEEKs for 400 short scattered matches"
+
+
+def test_compiled_module_follows_its_moved_source(tmp_path: Path) -> None:
+    source = text(22, 500)
+
+    def compile_(src: bytes) -> bytes:  # binary, and without the source's lines
+        return b"\xa7\r\r\0\0\0\0\0" + src.replace(b"def ", b"\xe3\0\x01").replace(b"\n", b"\0")
+
+    compiled = compile_(source)
+    new_src = source[len(source) // 2 :]
+    new_compiled = compile_(new_src)
+    old = make_tar(
+        tmp_path / "old.tar",
+        [
+            ("pkg/cursor.py", "file", source, {}),
+            ("pkg/__pycache__/cursor.cpython-311.pyc", "file", compiled, {}),
+        ],
+    )
+    new = make_tar(
+        tmp_path / "new.tar",
+        [
+            ("pkg/_cursor_base.py", "file", new_src, {}),
+            ("pkg/__pycache__/_cursor_base.cpython-311.pyc", "file", new_compiled, {}),
+        ],
+    )
+    size, records = roundtrip([old], new, tmp_path, format="tardf1")
+    opened = {r.name for r in records if r.op is Op.OPEN}
+    assert b"pkg/__pycache__/cursor.cpython-311.pyc" in opened
+    assert size < len(zstandard.ZstdCompressor(level=19).compress(new_compiled)) // 5
+
+
 def test_overwritten_paths_are_never_sources(tmp_path: Path) -> None:
     first, second = rand(18, 30_000), rand(19, 30_000)
     old1 = make_tar(
