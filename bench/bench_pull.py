@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -263,43 +264,96 @@ def get_bytes(reg: Registry) -> int:
     return sum(a.size for a in reg.accesses() if a.method == "GET" and a.status in (200, 206))
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+def timed(
+    cmd: list[str], env: dict[str, str]
+) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+    """Run ``cmd``; (wall s, user+sys CPU s of it and all its descendants, the process)."""
+    before = os.times()
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     took = time.monotonic() - start
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-800:]}")
-    return took, proc
+    return took, cpu, proc
 
 
-def measure(kind: str, reg: Registry, link: Link, repo: str, work: Path, driver: str) -> dict:
-    """Update a store holding ``repo:old`` to ``repo:new`` through ``link``."""
-    store = Store(work / kind, "overlay" if kind == "chunked" else driver, kind == "chunked")
+#: ``podman-delta --log-level info`` lines that time the steps of a delta pull.
+STEP_PATTERNS = {
+    "plan": re.compile(r"timing: planned in ([0-9.]+) s"),
+    "rebuild": re.compile(r"timing: \d+ layer\(s\) downloaded and rebuilt in ([0-9.]+) s"),
+    "staging": re.compile(r"timing: staging pull ([0-9.]+) s"),
+    "final": re.compile(r"cache rows, final pull and tag ([0-9.]+) s"),
+    "import": re.compile(r"timing: imported in ([0-9.]+) s"),
+}
+
+
+def steps_of(stderr: str) -> dict[str, float]:
+    out = {}
+    for key, pattern in STEP_PATTERNS.items():
+        m = pattern.search(stderr)
+        if m:
+            out[key] = float(m.group(1))
+    return out
+
+
+def measure(
+    kind: str,
+    reg: Registry,
+    link: Link,
+    repo: str,
+    work: Path,
+    driver: str,
+    keep: list[Store] | None,
+) -> dict:
+    """Update a store holding ``repo:old`` to ``repo:new`` through ``link``.
+
+    The store is appended to ``keep`` when given (destroyed later), else destroyed at once.
+    """
+    base = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=work))
+    store = Store(base, "overlay" if kind == "chunked" else driver, kind == "chunked")
     try:
         fresh_cache()
         store.podman("pull", "-q", "--tls-verify=false", f"{reg.host}/{repo}:old")
+        # Start from a quiet disk, as a store whose image was pulled long ago: otherwise the
+        # old image's just-written files are written back while the timed pull creates its
+        # own, which slows whichever tool creates files soonest (the delta pull).
+        os.sync()
         fresh_cache()
         reg.clear_log()
         ref = f"{link.host}/{repo}:new"
         if kind == "delta":
             cmd = [
-                sys.executable, "-m", "podman_delta", "pull", "--json", "--tls-verify=false",
+                sys.executable, "-m", "podman_delta", "--log-level", "info", "pull", "--json",
+                "--tls-verify=false",
                 *[f"--{k}={v}" for k, v in zip(("root", "runroot", "storage-driver"),
                                                  store.args()[1::2], strict=True)],
                 ref,
             ]  # fmt: skip
         else:
             cmd = ["podman", *store.args(), "pull", "-q", "--tls-verify=false", ref]
-        took, proc = timed(cmd, store.env())
-        row = {"kind": kind, "seconds": round(took, 2), "bytes": get_bytes(reg)}
+        took, cpu, proc = timed(cmd, store.env())
+        row = {
+            "kind": kind,
+            "seconds": round(took, 2),
+            "cpu_s": round(cpu, 2),
+            "bytes": get_bytes(reg),
+        }
         if kind == "delta":
             row["result"] = json.loads(proc.stdout)
+            row["steps"] = steps_of(proc.stderr)
         row["image_id"] = store.podman(
             "image", "inspect", "--format", "{{.Id}}", ref
         ).stdout.strip()
         return row
     finally:
-        store.destroy()
+        if keep is None:
+            store.destroy()
+        else:
+            keep.append(store)
 
 
 def chunked_copy(reg: Registry, repo: str, tag: str) -> None:
@@ -317,7 +371,10 @@ def chunked_copy(reg: Registry, repo: str, tag: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def run_pair(args: argparse.Namespace, key: str, reg: Registry, work: Path) -> list[dict]:
+def run_pair(
+    args: argparse.Namespace, key: str, reg: Registry, work: Path, stores: list[Store]
+) -> list[dict]:
+    """Measure one pair; with ``--cleanup end`` its stores are appended to ``stores``."""
     pair = args.corpus / PAIRS[key]
     repo = f"bench/{key.lower()}"
     print(f"[{key}] pushing old and new ({PAIRS[key]})", file=sys.stderr)
@@ -343,21 +400,33 @@ def run_pair(args: argparse.Namespace, key: str, reg: Registry, work: Path) -> l
             chunked = False
     rows = []
     kinds = ("plain", "delta", *(["chunked"] if chunked else []))
-    # Interleave the tools and repeat: the kernel's cost of creating a layer's files drifts by
-    # a factor of 2-3 over minutes on this VM, so one run of each can mislead.
+    # Interleave the tools and repeat: other work on the machine (and any mass deletion of
+    # files, see main()) changes the kernel's cost of creating a layer's files over minutes.
     plan = [(mbit, rep, kind) for mbit in args.mbit for rep in range(args.repeat) for kind in kinds]
+    keep = stores if args.cleanup == "end" else None
     for mbit in args.mbit:
         with Link(reg.host, mbit) as link:
             for _, rep, kind in [p for p in plan if p[0] == mbit]:
                 print(f"[{key}] {mbit} Mbit/s: {kind} (run {rep + 1})", file=sys.stderr)
                 r = repo + "-chunked" if kind == "chunked" else repo
                 try:
-                    row = measure(kind, reg, link, r, work, args.driver)
+                    row = measure(kind, reg, link, r, work, args.driver, keep)
                 except RuntimeError as exc:
                     row = {"kind": kind, "error": str(exc)[-400:]}
-                row.update(pair=key, mbit=mbit, layer_bytes=new["size"], publish_s=publish_s)
+                row.update(
+                    pair=key,
+                    mbit=mbit,
+                    layer_bytes=new["size"],
+                    publish_s=publish_s,
+                    cleanup=args.cleanup,
+                )
                 rows.append(row)
-                print(f"    {row.get('bytes')} bytes, {row.get('seconds')} s", file=sys.stderr)
+                steps = row.get("steps") or {}
+                print(
+                    f"    {row.get('bytes')} bytes, {row.get('seconds')} s, "
+                    f"CPU {row.get('cpu_s')} s {steps or ''}",
+                    file=sys.stderr,
+                )
     return rows
 
 
@@ -373,7 +442,15 @@ def _medians(rows: list[dict]) -> dict[tuple, dict]:
             out[key] = runs[0]
             continue
         times = sorted(r["seconds"] for r in ok)
-        out[key] = {**ok[0], "seconds": statistics.median(times), "all_seconds": times}
+        row = {**ok[0], "seconds": statistics.median(times), "all_seconds": times}
+        cpus = [r["cpu_s"] for r in ok if "cpu_s" in r]
+        row["cpu_s"] = statistics.median(cpus) if cpus else None
+        steps: dict[str, list[float]] = {}
+        for r in ok:
+            for name, value in (r.get("steps") or {}).items():
+                steps.setdefault(name, []).append(value)
+        row["steps"] = {name: statistics.median(v) for name, v in steps.items()}
+        out[key] = row
     return out
 
 
@@ -401,7 +478,8 @@ def table(rows: list[dict], driver: str) -> str:
             spread = ""
             if len(r["all_seconds"]) > 1:
                 spread = f" ({min(r['all_seconds']):.1f}–{max(r['all_seconds']):.1f})"
-            return f"{r['bytes'] / 1e6:,.2f} MB, {r['seconds']:.1f} s{spread}"
+            cpu = f", CPU {r['cpu_s']:.1f} s" if r.get("cpu_s") is not None else ""
+            return f"{r['bytes'] / 1e6:,.2f} MB, {r['seconds']:.1f} s{spread}{cpu}"
 
         ratio = speed = ""
         if p and d and "bytes" in p and "bytes" in d:
@@ -410,6 +488,22 @@ def table(rows: list[dict], driver: str) -> str:
         out.append(
             f"| {pair} | {mbit:g} Mbit/s | {cell(p)} | {cell(d)} | {ratio} | {speed} | {cell(c)} |"
         )
+    notes = []
+    for pair, mbit in sorted({(r["pair"], r["mbit"]) for r in rows}):
+        d = by.get((pair, mbit, "delta"))
+        if d and d.get("steps"):
+            parts = ", ".join(f"{k} {v:.2f} s" for k, v in d["steps"].items())
+            notes.append(f"- {pair}, {mbit:g} Mbit/s: {parts}")
+    if notes:
+        out += [
+            "",
+            "podman-delta pull's steps (median of its `--log-level info` timings; the rest of "
+            "the wall time is Python start-up and the staging image's removal):",
+            "",
+            *notes,
+        ]
+    cleanups = sorted({r.get("cleanup", "each") for r in rows})
+    out += ["", f"Stores destroyed: {', '.join(cleanups)} (see `--cleanup`)."]
     return "\n".join(out)
 
 
@@ -434,19 +528,28 @@ sudo .venv/bin/python bench/bench_pull.py --pairs A,E,C --mbit 20 100 --driver v
 
 Options: `--pairs` (A,B,C,E), `--mbit` (link speeds), `--driver overlay|vfs` (plain and
 delta stores), `--repeat N` (runs of each tool per link, interleaved; the table shows the
-median and the range), `--no-chunked`, `--out DIR` (`pull-results.json`), `--no-readme`,
+median and the range), `--cleanup end|each` (when stores are destroyed, see below),
+`--no-chunked`, `--out DIR` (`pull-results.json`), `--no-readme`,
 `--render-only` (rebuild the table from `OUT/pull-results.json`). The table below is rewritten
 between the `bench_pull` markers by each run.
 
-Where a delta pull's time goes (pair A, overlay, 20 Mbit/s, timed step by step): Python
-start-up and imports 0.3 s; resolution, config, discovery and the artifact 0.03 s; the 0.9 MB
-delta download plus patching and sha256 0.65-0.75 s; then the import's staging
-`podman pull oci:DIR` (the rebuilt tar hard-linked into an OCI layout), which is almost all of
-the rest; the tag, the final `podman pull repo@digest` and the staging removal together
-0.3 s. The staging step is podman writing the layer's 6,655 files, the same work a plain pull
-does after its download, and on this VM the kernel's cost of it drifts between 1.8 s and 7 s
-over minutes (same tar, same podman). Hence the interleaved, repeated runs. Byte counts are
-exact.
+Where a delta pull's time goes (pair A, overlay; the table's last lines give each run's medians
+from podman-delta's `--log-level info` timings): Python start-up and imports 0.3 s; resolution,
+config, discovery and the artifact 0.05-0.1 s; the 0.9 MB delta download plus patching and
+sha256 0.5-1.2 s; then the import's staging `podman pull oci:DIR` (the rebuilt tar hard-linked
+into an OCI layout), 1.7-3 s; cache rows, the final `podman pull repo@digest` and the tag
+0.1-0.2 s, the staging image's removal overlapping the tag. The staging pull is podman's CPU,
+not the disk: c/image copies the uncompressed blob into a temporary file under /var/tmp while
+hashing it, c/storage hashes it again while building the tar-split and untarring through a
+re-exec'd storage-untar (several sha256 passes over 120 MB; podman 4.3.1 is built with Go 1.19,
+whose sha256 does not use SHA-NI). Giving podman a tmpfs TMPDIR for that copy, or a zstd -1
+staged blob (fewer bytes to hash, two decompressions more), did not change its time in
+interleaved strace timelines. Each measurement starts after `sync`, and stores are destroyed at
+the end of the run (`--cleanup end`): destroying each store right after its measurement (the
+old behaviour, `--cleanup each`) frees ~13,000 inodes, and on this VM's journal-less ext4 every
+inode created in the next minutes first scans past the recently freed ones (ext4's
+`recently_deleted()`, top of `perf`), which made the next pull's file creation drift between
+1.8 and 7 s. Byte counts are exact.
 
 """
 
@@ -473,6 +576,12 @@ def main() -> int:
     ap.add_argument(
         "--repeat", type=int, default=3, help="runs of each tool per link, interleaved (3)"
     )
+    ap.add_argument(
+        "--cleanup",
+        choices=["end", "each"],
+        default="end",
+        help="destroy the stores after the pair (default) or after each measurement",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument(
@@ -498,11 +607,20 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir="/var/tmp"))
     rows: list[dict] = []
+    # With --cleanup end (the default) stores are destroyed after the whole run, not after
+    # each measurement: deleting a store frees ~13,000 inodes, and on a journal-less ext4 (this
+    # VM's root file system) every inode allocated within the next one to six minutes first
+    # scans past the recently freed ones (ext4's recently_deleted(); perf shows it and
+    # find_get_block_common as the top kernel symbols), which made the next pull's file
+    # creation 2-5x slower, whichever tool it was. That was the "drift" seen before.
+    stores: list[Store] = []
     try:
         with Registry(work / "registry") as reg:
             for key in args.pairs.split(","):
-                rows += run_pair(args, key.strip().upper(), reg, work)
+                rows += run_pair(args, key.strip().upper(), reg, work, stores)
     finally:
+        for store in stores:
+            store.destroy()
         shutil.rmtree(work, ignore_errors=True)
     (args.out / "pull-results.json").write_text(json.dumps(rows, indent=2))
     text = table(rows, args.driver)

@@ -64,6 +64,7 @@ from podman_delta.registry.config import resolve_short_name
 from podman_delta.registry.discovery import find_referrers
 from podman_delta.registry.image import ClientPool, ImageInfo, image_info
 from podman_delta.registry.reference import ImageReference, ReferenceError, parse_reference
+from podman_delta.storage import blobcache
 from podman_delta.storage.importer import LayerTar, import_image
 from podman_delta.storage.store import Layer, Store
 
@@ -767,11 +768,17 @@ def execute_plan(
     if plan.image_present:
         result.layers = {PRESENT: len(plan.layers)}
         return result
+    cache = _detect_cache_soon(options.podman)
     with _workdir(options) as work:
         todo = plan.missing
         paths: dict[int, Path] = {}
         if todo:
             paths = _get_layers(plan, store, todo, work, meter, options.jobs)
+        log.info(
+            "timing: %d layer(s) downloaded and rebuilt in %.2f s",
+            len(todo),
+            time.monotonic() - start,
+        )
         progress.close()
         tars = [
             LayerTar(
@@ -783,6 +790,7 @@ def execute_plan(
             for lp in plan.layers
         ]
         progress.message(f"importing {plan.reference}")
+        imported_from = time.monotonic()
         imported = import_image(
             store,
             plan.reference,
@@ -795,9 +803,11 @@ def execute_plan(
             creds=options.creds,
             tmpdir=str(work),
             manifest=plan.info.manifest.data,
+            cache=cache(),
         )
         if not imported.cache_written:
             log.warning("%s", imported.message)
+        log.info("timing: imported in %.2f s", time.monotonic() - imported_from)
     result.status = "pulled"
     result.image_id = imported.image_id
     result.fetched_bytes = plan.overhead + meter.total
@@ -810,6 +820,28 @@ def execute_plan(
     }
     result.fallbacks = [f"{lp.diff_id}: {lp.fallback_reason}" for lp in fell]
     return result
+
+
+def _detect_cache_soon(podman: str) -> Callable[[], blobcache.BlobInfoCache | None]:
+    """Find the blob-info-cache the importer writes (``podman --version``, ~40 ms) while the
+    layers download; the returned call waits for it. None when that failed: the importer
+    then detects it itself and reports the error."""
+    found: list[blobcache.BlobInfoCache] = []
+
+    def work() -> None:
+        try:
+            found.append(blobcache.detect(podman))
+        except Exception as exc:  # reported by the importer's own detection
+            log.debug("cannot detect the blob-info-cache yet: %s", exc)
+
+    thread = threading.Thread(target=work, name="detect-cache", daemon=True)
+    thread.start()
+
+    def get() -> blobcache.BlobInfoCache | None:
+        thread.join()
+        return found[0] if found else None
+
+    return get
 
 
 @contextlib.contextmanager
@@ -964,6 +996,7 @@ def pull(
             try:
                 _remove_stale_staging(store, options)
                 plan = plan_pull(ref_text, store, pool, options)
+                log.info("timing: planned in %.2f s", time.monotonic() - start)
                 result = execute_plan(plan, store, options, progress)
             except NO_FALLBACK:
                 raise

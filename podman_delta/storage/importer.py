@@ -13,7 +13,8 @@ The flow (containers-integration.md §10):
    installed podman reads.
 3. ``podman pull repo@digest``: c/image finds every layer through the cache, fetches only the
    manifest and config, runs the signature policy and stores the registry's manifest. Tag it.
-4. Remove the staging image. Its layers stay: the pulled image uses them.
+4. Remove the staging image (while the tag is written). Its layers stay: the pulled image
+   uses them.
 
 Everything runs under podman-delta's import lock; a staging image found while holding it was
 left by a killed run and is removed first. Where the cache cannot be written the image is loaded
@@ -37,6 +38,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,7 @@ class _Podman:
     def run(self, *more: str, cwd: Path | None = None) -> str:
         cmd = self.args(*more)
         log.debug("running %s", " ".join(cmd))
+        start = time.monotonic()
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -122,11 +125,28 @@ class _Podman:
         except BaseException:
             _stop(proc)
             raise
+        log.debug("podman %s took %.2f s", more[0], time.monotonic() - start)
         if proc.returncode != 0:
             lines = err.strip().splitlines()
             detail = lines[-1] if lines else f"exit code {proc.returncode}"
             raise _PodmanFailed(more[0], detail)
         return out
+
+    def start(self, *more: str) -> subprocess.Popen[str] | None:
+        """Start a command whose outcome is checked later (None: it could not be started)."""
+        cmd = self.args(*more)
+        log.debug("starting %s", " ".join(cmd))
+        try:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except OSError as exc:
+            log.debug("cannot start %s: %s", self.binary, exc.strerror)
+            return None
 
     def try_run(self, *more: str) -> bool:
         try:
@@ -486,7 +506,10 @@ def _pull_layout(
 ) -> str:
     """``podman pull`` the layout; if omitting stored layers was refused, include them, retry.
 
-    Whatever the pull or the renaming left is taken back on any failure or interrupt.
+    The image keeps the staging name the pull gave it: ``name`` (podman 5) or podman 4's
+    ``localhost/<layout path>:latest``, which is a staging name too (:func:`is_staging_name`),
+    so no ``podman tag``/``untag`` is needed. Whatever the pull left is taken back on any
+    failure or interrupt.
     """
     image_id = _hex(_sha256_bytes(config))
     store.refresh()
@@ -509,11 +532,12 @@ def _pull_layout(
         img = store.image(image_id)
         if img is None:
             raise StorageError(f"`podman pull {ref}` did not create image {image_id[:12]}")
-        if name not in img.names:  # podman < 5 names it localhost/<path>:latest
-            runner.run("tag", image_id, name)
-        for extra in img.names:
-            if extra != name and (before is None or extra not in before):
+        added = [n for n in img.names if before is None or n not in before]
+        for extra in added:
+            if not is_staging_name(extra):
                 runner.run("untag", image_id, extra)
+        if not any(is_staging_name(n) for n in added):
+            runner.run("tag", image_id, name)
         _check_staged(store, image_id, rows, f"podman pull {ref}")
     except BaseException:
         _undo_stage(runner, store, image_id, before)
@@ -647,8 +671,10 @@ def _import_via_pull(
     staging_config = json.dumps(synthetic_config(parsed, manifest_digest)).encode()
     staging_id = None
     pulled: list[str] = []
+    start = time.monotonic()
     try:
         staging_id = _stage(runner, store, rows, staging_config, staging, tmp, "staging.tar")
+        staged = time.monotonic()
         verified = [la for la in layers if la.path is not None]
         pairs = [(la.compressed_digest, la.diff_id) for la in verified]
         compressors = {la.compressed_digest: la.compression for la in verified if la.compression}
@@ -673,9 +699,21 @@ def _import_via_pull(
                 f"`podman pull {by_digest}` did not produce image {image_id[:12]} (the config "
                 "given does not belong to that manifest); nothing was imported"
             )
-        if tag is not None:
-            runner.run("tag", image_id, f"{repo}:{tag}")
+        # The pulled image holds the layers now: remove the staging image while the tag is
+        # written (two podman start-ups overlap; c/storage's locks order their writes). If that
+        # removal fails, the ``finally`` below tries again.
+        removal = _start_staging_removal(runner, store, staging_id)
+        try:
+            if tag is not None:
+                runner.run("tag", image_id, f"{repo}:{tag}")
+        finally:
+            _wait(removal)
         pulled = []  # complete: keep it
+        log.info(
+            "timing: staging pull %.2f s; cache rows, final pull and tag %.2f s",
+            staged - start,
+            time.monotonic() - staged,
+        )
         return ImportResult(
             image_id=image_id,
             cache_written=True,
@@ -686,19 +724,46 @@ def _import_via_pull(
     finally:
         # Also when interrupted after the staging pull made the image but before _stage
         # returned its ID (SIGTERM while the layout is being removed): look it up by its ID.
-        _remove_staging(runner, store, staging_id or _hex(_sha256_bytes(staging_config)), staging)
+        _remove_staging(runner, store, staging_id or _hex(_sha256_bytes(staging_config)))
         for pulled_id in pulled:  # pulled but not verified/tagged: do not leave it half-done
             runner.try_run("rmi", pulled_id)
 
 
-def _remove_staging(runner: _Podman, store: Store, staging_id: str, staging: str) -> None:
-    """Remove the staging image; its layers stay while another image uses them."""
+def _start_staging_removal(
+    runner: _Podman, store: Store, staging_id: str
+) -> subprocess.Popen[str] | None:
+    """Start ``podman rmi`` of the staging image if only staging names name it."""
+    store.refresh()
+    img = store.image(staging_id)
+    if img is None or not all(is_staging_name(n) for n in img.names):
+        return None
+    return runner.start("rmi", staging_id)
+
+
+def _wait(proc: subprocess.Popen[str] | None) -> None:
+    """Wait for a command from :meth:`_Podman.start`; stop it if interrupted meanwhile."""
+    if proc is None:
+        return
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        _stop(proc)
+        raise
+    if proc.returncode != 0:
+        log.debug("podman rmi of the staging image failed: %s", err.strip()[-300:])
+
+
+def _remove_staging(runner: _Podman, store: Store, staging_id: str, keep: bool = False) -> None:
+    """Take the staging names off image ``staging_id``; remove the image itself if nothing else
+    names it and not ``keep``. Its layers stay while another image uses them."""
     store.refresh()
     img = store.image(staging_id)
     if img is None:
         return
-    if [n for n in img.names if n != staging]:
-        runner.try_run("untag", staging_id, staging)
+    staging = [n for n in img.names if is_staging_name(n)]
+    if keep or len(staging) < len(img.names):
+        for name in staging:
+            runner.try_run("untag", staging_id, name)
     else:
         runner.try_run("rmi", staging_id)
 
@@ -728,7 +793,7 @@ def _import_via_load(
         raise
     finally:
         if loaded is not None:
-            runner.try_run("untag", loaded, staging)
+            _remove_staging(runner, store, loaded, keep=True)
     size = sum(size for _, path, size in rows if path is not None)
     return ImportResult(
         image_id=image_id,
