@@ -134,8 +134,8 @@ def cache() -> Iterator[Path]:
         yield path
 
 
-def _store_with_v1(world: World, base: Path) -> Podman:
-    p = Podman(base)
+def _store_with_v1(world: World, base: Path, driver: str = "vfs") -> Podman:
+    p = Podman(base, driver=driver)
     p.pull(world.pair.v1.reference)
     return p
 
@@ -187,9 +187,9 @@ def _next_pull_succeeds(world: World, p: Podman) -> None:
 
 
 def _interrupt_at(
-    world: World, tmp_path: Path, step: str, sig: signal.Signals
+    world: World, tmp_path: Path, step: str, sig: signal.Signals, driver: str = "vfs"
 ) -> tuple[Podman, list[str], Path, int]:
-    p = _store_with_v1(world, tmp_path / "s")
+    p = _store_with_v1(world, tmp_path / "s", driver)
     before = p.image_ids()
     marker, work = tmp_path / "paused", tmp_path / "work"
     env = p.environ() | {"PD_TEST_PAUSE_AT": step, "PD_TEST_MARKER": str(marker)}
@@ -255,6 +255,30 @@ def test_signal_at_step(
     p, before, _work, _ = _interrupt_at(world, tmp_path, step, sig)
     state = _assert_before_or_after(world, p, before, killed=sig == signal.SIGKILL)
     assert state == "before"  # every step is before the final pull completes
+    _next_pull_succeeds(world, p)
+    assert staging_images(Store(p.options)) == []
+
+
+OVERLAY_CASES = [
+    ("apply", signal.SIGINT),
+    ("load", signal.SIGTERM),
+    ("load", signal.SIGKILL),
+    ("final", signal.SIGKILL),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("step", "sig"), OVERLAY_CASES, ids=[f"{s}-{g.name}" for s, g in OVERLAY_CASES]
+)
+def test_signal_at_step_on_overlay(
+    world: World, cache: Path, tmp_path: Path, step: str, sig: signal.Signals
+) -> None:
+    """The same guarantees on the overlay driver, whose layers are diff/ directories."""
+    p, before, _work, _ = _interrupt_at(world, tmp_path, step, sig, driver="overlay")
+    assert p.run("info", "--format", "{{.Store.GraphDriverName}}").stdout.strip() == "overlay"
+    state = _assert_before_or_after(world, p, before, killed=sig == signal.SIGKILL)
+    assert state == "before"
     _next_pull_succeeds(world, p)
     assert staging_images(Store(p.options)) == []
 
