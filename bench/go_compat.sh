@@ -2,6 +2,7 @@
 # Check that deltas written by `podman-delta diff` apply with Go tar-patch, byte for byte.
 #
 #   usage: sudo bench/go_compat.sh [options] TAR_DIFF_SRC
+#          bench/go_compat.sh [--gopath DIR] --build-only OUT_DIR TAR_DIFF_SRC
 #
 # TAR_DIFF_SRC is a directory holding a containers/tar-diff source tree (a checkout of tag
 # v0.1.2, or any later one whose tar-patch side still builds with the local Go). Only
@@ -14,6 +15,15 @@
 # built tar-patch to the extracted old tree and compare sha256 with new.tar. Prints a table;
 # exit status 0 when nothing failed. A tardf2 delta that a v1 tar-patch refuses (no op 5) is
 # reported as "skip", not as a failure.
+#
+# --build-only OUT_DIR builds tar-patch and, when TAR_DIFF_SRC has cmd/tar-diff, tar-diff too,
+# leaves OUT_DIR/tar-patch and OUT_DIR/tar-diff and stops (no root needed): the binaries that
+# bench/run.py --go-tar-patch / --go-tar-diff measure. tar-diff v0.1.x imports
+# github.com/containers/image/v5/pkg/compression only for AutoDecompress; Debian's
+# golang-github-containers-image-dev has no /v5 path usable in GOPATH mode, so unless a --gopath
+# entry provides that package a small stand-in (gzip via klauspost/pgzip as containers/image
+# does, zstd, bzip2, else pass-through) is written into the scratch GOPATH. tar-diff also needs
+# golang-github-klauspost-pgzip-dev.
 #
 # Needs: root (old trees are extracted with numeric owners, xattrs and device nodes), Go
 # (golang-go) and github.com/klauspost/compress under /usr/share/gocode
@@ -36,6 +46,7 @@ KEEP=0
 PY=$REPO/.venv/bin/python
 GOCODE=/usr/share/gocode
 EXTRA_GOPATH=
+BUILD_ONLY=
 
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -49,7 +60,9 @@ Options:
   --big              also the >64 MiB single-file tree (ADD splitting; minutes of CPU)
   --work DIR         scratch directory, kept afterwards (default: a temp dir, removed)
   --python PATH      interpreter with podman_delta (default .venv/bin/python)
-  --gopath DIR       GOPATH entry searched before /usr/share/gocode (newer klauspost/compress)
+  --gopath DIR       GOPATH entry searched before /usr/share/gocode (newer klauspost/compress);
+                     repeatable, earlier entries first
+  --build-only DIR   only build tar-patch (and tar-diff if the tree has it) into DIR, then exit
 USAGE
 }
 
@@ -65,7 +78,8 @@ while [ $# -gt 0 ]; do
     --big) BIG=1; shift ;;
     --work) WORK=$2; KEEP=1; shift 2 ;;
     --python) PY=$2; shift 2 ;;
-    --gopath) EXTRA_GOPATH=$(realpath "$2"); shift 2 ;;
+    --gopath) EXTRA_GOPATH=${EXTRA_GOPATH:+$EXTRA_GOPATH:}$(realpath "$2"); shift 2 ;;
+    --build-only) BUILD_ONLY=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) break ;;
@@ -74,11 +88,13 @@ done
 [ $# -eq 1 ] || { usage >&2; exit 2; }
 SRC=$(realpath "$1")
 [ -d "$SRC/cmd/tar-patch" ] || die "$SRC has no cmd/tar-patch: give a containers/tar-diff tree"
-[ "$(id -u)" = 0 ] || die "run as root (old trees are extracted with owners and devices)"
 command -v go >/dev/null || die "go not found: apt-get install golang-go"
 [ -d "$GOCODE/src/github.com/klauspost/compress/zstd" ] ||
   die "klauspost/compress missing: apt-get install golang-github-klauspost-compress-dev"
-[ -x "$PY" ] || die "$PY not found: make the repo venv or pass --python"
+if [ -z "$BUILD_ONLY" ]; then
+  [ "$(id -u)" = 0 ] || die "run as root (old trees are extracted with owners and devices)"
+  [ -x "$PY" ] || die "$PY not found: make the repo venv or pass --python"
+fi
 
 if [ -z "$WORK" ]; then
   WORK=$(mktemp -d /var/tmp/go_compat.XXXXXX)
@@ -108,6 +124,101 @@ build_tar_patch() {
       CGO_ENABLED=0 go build -o "$WORK/tar-patch" ./cmd/tar-patch) ||
     die "building tar-patch from $SRC failed (only the v0.1.x and pkg/protocol layouts are known to build)"
   TP=$WORK/tar-patch
+}
+
+# Build cmd/tar-diff the same way into $WORK/tar-diff. Its only import outside the tree and
+# klauspost is containers/image's pkg/compression (AutoDecompress); see the header comment.
+build_tar_diff() {
+  local gp=$WORK/gopath standin=$WORK/standin gopath d found=
+  for d in ${EXTRA_GOPATH//:/ } "$GOCODE"; do
+    [ -d "$d/src/github.com/containers/image/v5/pkg/compression" ] && found=$d
+  done
+  if [ -z "$found" ]; then
+    mkdir -p "$standin/src/github.com/containers/image/v5/pkg/compression"
+    write_compression_standin >"$standin/src/github.com/containers/image/v5/pkg/compression/compression.go"
+    echo "go_compat: containers/image/v5/pkg/compression: using the stand-in (AutoDecompress only)" >&2
+  fi
+  [ -d "$GOCODE/src/github.com/klauspost/pgzip" ] ||
+    die "klauspost/pgzip missing: apt-get install golang-github-klauspost-pgzip-dev"
+  gopath=$gp${EXTRA_GOPATH:+:$EXTRA_GOPATH}
+  [ -n "$found" ] || gopath=$gopath:$standin
+  gopath=$gopath:$GOCODE
+  mkdir -p "$gp/src/github.com/containers"
+  ln -sfn "$SRC" "$gp/src/github.com/containers/tar-diff"
+  (cd "$gp/src/github.com/containers/tar-diff" &&
+    env GO111MODULE=off GOPATH="$gopath" GOPROXY=off GOFLAGS= GOCACHE="$WORK/gocache" \
+      CGO_ENABLED=0 go build -o "$WORK/tar-diff" ./cmd/tar-diff) ||
+    die "building tar-diff from $SRC failed (the v0.1.x layout is known to build)"
+}
+
+# Stand-in for github.com/containers/image/v5/pkg/compression, written for this script: tar-diff
+# v0.1.x calls only AutoDecompress. Sniffs the first bytes like containers/image does.
+write_compression_standin() {
+  cat <<'GO'
+// Package compression stands in for containers/image's (AutoDecompress only), for bench/go_compat.sh.
+package compression
+
+import (
+	"bytes"
+	"compress/bzip2"
+	"errors"
+	"io"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/klauspost/pgzip"
+)
+
+type zstdReadCloser struct{ d *zstd.Decoder }
+
+func (z zstdReadCloser) Read(p []byte) (int, error) { return z.d.Read(p) }
+func (z zstdReadCloser) Close() error               { z.d.Close(); return nil }
+
+// AutoDecompress returns the decompressed stream and whether the input was compressed.
+func AutoDecompress(stream io.Reader) (io.ReadCloser, bool, error) {
+	head := make([]byte, 8)
+	n, err := io.ReadAtLeast(stream, head, len(head))
+	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		return nil, false, err
+	}
+	head = head[:n]
+	input := io.MultiReader(bytes.NewReader(head), stream)
+	switch {
+	case bytes.HasPrefix(head, []byte{0x1f, 0x8b, 0x08}):
+		r, err := pgzip.NewReader(input)
+		if err != nil {
+			return nil, false, err
+		}
+		return r, true, nil
+	case bytes.HasPrefix(head, []byte{0x28, 0xb5, 0x2f, 0xfd}):
+		d, err := zstd.NewReader(input)
+		if err != nil {
+			return nil, false, err
+		}
+		return zstdReadCloser{d}, true, nil
+	case bytes.HasPrefix(head, []byte{0x42, 0x5a, 0x68}):
+		return io.NopCloser(bzip2.NewReader(input)), true, nil
+	case bytes.HasPrefix(head, []byte{0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00}):
+		return nil, false, errors.New("xz is not supported by this stand-in")
+	}
+	return io.NopCloser(input), false, nil
+}
+GO
+}
+
+# --build-only: leave the binaries in $BUILD_ONLY and stop.
+build_only() {
+  mkdir -p "$BUILD_ONLY"
+  build_tar_patch
+  cp "$TP" "$BUILD_ONLY/tar-patch"
+  echo "$BUILD_ONLY/tar-patch: $("$TP" -version 2>&1 | head -n 1)"
+  if [ -d "$SRC/cmd/tar-diff" ]; then
+    build_tar_diff
+    cp "$WORK/tar-diff" "$BUILD_ONLY/tar-diff"
+    echo "$BUILD_ONLY/tar-diff: $("$WORK/tar-diff" -version 2>&1 | head -n 1)"
+  else
+    echo "go_compat: $SRC has no cmd/tar-diff: built tar-patch only" >&2
+  fi
+  echo "$(go version); klauspost/compress $(klauspost_version)"
 }
 
 # extract DIR TAR... : the old tree, every old tar in order, as root with owners and xattrs.
@@ -218,7 +329,7 @@ step_adversarial() {
 # The klauspost/compress the build resolved: the first GOPATH entry that holds it.
 klauspost_version() {
   local d
-  for d in ${EXTRA_GOPATH:+"$EXTRA_GOPATH"} "$GOCODE"; do
+  for d in ${EXTRA_GOPATH//:/ } "$GOCODE"; do
     if [ -d "$d/src/github.com/klauspost/compress" ]; then
       if [ "$d" = "$GOCODE" ]; then
         dpkg-query -W -f '${Version}' golang-github-klauspost-compress-dev 2>/dev/null || echo "from $d"
@@ -526,6 +637,10 @@ for c in which:
 PY
 }
 
+if [ -n "$BUILD_ONLY" ]; then
+  build_only
+  exit 0
+fi
 build_tar_patch
 step_fixtures
 step_pairs

@@ -6,7 +6,9 @@ peak RSS from ``os.wait4`` (the kernel's figure for the largest process of the c
 plus a sampled peak of the whole tree's summed RSS, because a differ that uses worker processes
 would otherwise look smaller than it is. Peers do not depend on our code, so their results are
 cached in ``OUT/peers.json`` keyed by the pair's tar checksums; an ``--ours-only`` re-run merges
-them and the table says which run every number came from.
+them and the table says which run every number came from. Optional Go peers (``--go-tar-diff``,
+``--go-tar-patch``: binaries built by ``bench/go_compat.sh --build-only``) are cached the same way
+in ``OUT/go.json``, keyed also by the binaries' sha256.
 
 Usage: see bench/README.md.
 """
@@ -52,9 +54,13 @@ TOOL_LABELS = {
     "xdelta3": "xdelta3 -9",
     "gzip": "new.tar.gz (gzip -6, no delta)",
     "zstd": "zstd -19 --long (no delta)",
+    "ours-go-patch": "podman-delta diff --format tardf1, applied by Go tar-patch",
+    "go-tar-diff": "Go tar-diff",
 }
-#: Go tar-diff v0.1.2 and the best whole-tar tool, as quoted in issue 2 (bytes). Not measured
-#: here: Go cannot build tar-diff on these machines.
+#: Optional Go rows, in table order, right after ours.
+GO_TOOLS = ("ours-go-patch", "go-tar-diff")
+#: Go tar-diff v0.1.2 and the best whole-tar tool, as quoted in issue 2 (bytes), when the corpus
+#: was first made: kept to show the drift of the Debian pairs against the measured Go row.
 REFERENCE = {
     "A": ("48,569,938", "1,063,287", "799,026 (bsdiff, 2.1 GB RAM, 105 s)"),
     "B": ("49,496,373", "29,632,173", "23,897,594 (`zstd --patch-from`)"),
@@ -468,6 +474,95 @@ def run_ours(pair: Pair, helps: dict[str, str | None], args: argparse.Namespace)
     return row
 
 
+# --------------------------------------------------------------------------- Go peers
+
+
+def binary_info(path: Path) -> dict:
+    """A Go binary's path, sha256 and ``-version`` line: its rows are cached by the sha256."""
+    try:
+        r = subprocess.run([str(path), "-version"], capture_output=True, text=True, timeout=20)
+        version = (r.stdout + r.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        version = "?"
+    return {"path": str(path), "sha256": sha256_file(path), "version": version}
+
+
+def go_patch(pair: Pair, tar_patch: dict, delta: Path, out: Path) -> dict:
+    """Go tar-patch DELTA OLD_TREE OUT, on the same extracted old.tar as `podman-delta patch`."""
+    root = old_root(pair)
+    warm(delta)
+    return measure([tar_patch["path"], str(delta), str(root), str(out)])
+
+
+def run_go_tar_diff(pair: Pair, tar_diff: dict, tar_patch: dict | None) -> dict:
+    """Go tar-diff on the uncompressed tars (as ours), applied by Go tar-patch or by ours."""
+    delta, out = pair.work / "go-tar-diff.tardiff", pair.work / "go-tar-diff.out.tar"
+    with contextlib.suppress(FileNotFoundError):
+        delta.unlink()
+    diff = measure([tar_diff["path"], str(pair.old), str(pair.new), str(delta)])
+    patch = None
+    if diff["rc"] == 0 and delta.exists():
+        if tar_patch:
+            patch = go_patch(pair, tar_patch, delta, out)
+        else:
+            root = old_root(pair)
+            warm(delta)
+            patch = measure(
+                ours_cmd("patch", str(delta), str(root), str(out)), env=ours_env(), cwd=REPO
+            )
+    row = _delta_row(pair, diff, delta, patch, out)
+    row["tar_diff"] = tar_diff
+    row["patched_by"] = "Go tar-patch" if tar_patch else "podman-delta patch"
+    if tar_patch:
+        row["tar_patch"] = tar_patch
+    return row
+
+
+def run_ours_go_patch(pair: Pair, tar_patch: dict, args: argparse.Namespace) -> dict:
+    """Our tardf1 delta applied by Go tar-patch: patch speed against Go's, in the same run.
+
+    The delta of the ours row is reused when it is tardf1 already ('auto' writes tardf1 when no
+    file gains from op 5); otherwise the pair is diffed again with --format tardf1.
+    """
+    delta, out = pair.work / "ours.tardiff", pair.work / "ours-go-patch.out.tar"
+    diff: dict | None = None
+    if not (delta.exists() and delta.read_bytes()[:6] == b"tardf1"):
+        delta = pair.work / "ours-tardf1.tardiff"
+        with contextlib.suppress(FileNotFoundError):
+            delta.unlink()
+        cmd = ["diff", "--format", "tardf1", "--no-size-check", str(pair.old), str(pair.new)]
+        diff = measure(ours_cmd(*args.ours_diff_args, *cmd, str(delta)), env=ours_env(), cwd=REPO)
+        if diff["rc"] != 0 or not delta.exists():
+            return {"diff": diff, "tar_patch": tar_patch}
+    patch = go_patch(pair, tar_patch, delta, out)
+    row = {
+        "diff": diff,
+        "delta_bytes": delta.stat().st_size,
+        "delta_sha256": sha256_file(delta),
+        "patch": patch,
+        "sha256_ok": patch["rc"] == 0 and pair.check_output(out),
+        "tar_patch": tar_patch,
+    }
+    if diff is None:
+        row["note"] = "same delta as the podman-delta diff row (auto wrote tardf1)"
+    return row
+
+
+def go_tools_for(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
+    """Identify the --go-tar-diff / --go-tar-patch binaries (None where not given)."""
+    found = [
+        None if p is None else binary_info(p.resolve())
+        for p in (args.go_tar_diff, args.go_tar_patch)
+    ]
+    return found[0], found[1]
+
+
+def go_tar_diff_key(cache_key: str, tar_diff: dict, tar_patch: dict | None) -> str:
+    """The Go tar-diff row depends on the tars, the tar-diff binary and who applies it."""
+    patcher = tar_patch["sha256"][:16] if tar_patch else "ours"
+    return f"{cache_key}-{tar_diff['sha256'][:16]}-{patcher}"
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -595,11 +690,13 @@ def render_table(results: dict) -> str:
             if b and r.get("sha256_ok"):
                 best = b if best is None else min(best, b)
         first = True
-        for tool in ("ours", *PEERS):
+        for tool in ("ours", *GO_TOOLS, *PEERS):
             r = p["tools"].get(tool)
             if r is None:
                 continue
             label = TOOL_LABELS[tool]
+            if r.get("patched_by"):
+                label += f", applied by {r['patched_by']}"
             pair_cell = (
                 f"**{key}** old {facts['old_tar_bytes'] / MiB:,.0f} MiB → new "
                 f"{facts['new_tar_bytes'] / MiB:,.0f} MiB"
@@ -635,9 +732,9 @@ def render_table(results: dict) -> str:
             )
     lines.append("")
     lines.append(
-        "Reference (not measured in this run): Go tar-diff v0.1.2 cannot be built here; these "
-        "are the bytes quoted in issue 2, measured when the corpus was first made (the Debian "
-        "pairs drift with the archive, so compare them only loosely with the rows above):"
+        "Reference (not measured in this run): the bytes quoted in issue 2, measured when the "
+        "corpus was first made (the Debian pairs drift with the archive, so compare them only "
+        "loosely with the rows above; the Go tar-diff rows above, where present, are measured):"
     )
     lines.append("")
     lines.append("| pair | new.tar.gz | Go tar-diff v0.1.2 | best whole-tar tool then |")
@@ -647,7 +744,9 @@ def render_table(results: dict) -> str:
     lines.append("")
     lines.append(
         "Go tar-patch reference (issue 2, same machine, warm cache): 0.34 s for A (120 MB), "
-        "1.35 s for C (213 MB); Go tar-diff about 12 s CPU for A, 32 s for C."
+        "1.35 s for C (213 MB); Go tar-diff about 12 s CPU for A, 32 s for C. The Go rows above "
+        "(`--go-tar-diff`, `--go-tar-patch`) measure binaries built by "
+        "`bench/go_compat.sh --build-only`; Go tar-diff reads the same uncompressed tars as ours."
     )
     return "\n".join(lines)
 
@@ -669,6 +768,55 @@ def write_readme(table: str, readme: Path) -> None:
     else:
         text = text.rstrip() + "\n\n## Results\n\n" + block + "\n"
     readme.write_text(text)
+
+
+def go_versions(pairs: dict) -> dict[str, str]:
+    """Version and sha256 of every Go binary behind a row in the table."""
+    seen: dict[str, set[str]] = {}
+    for p in pairs.values():
+        for r in p["tools"].values():
+            for field, name in (("tar_diff", "Go tar-diff"), ("tar_patch", "Go tar-patch")):
+                info = r.get(field)
+                if info:
+                    version = info["version"].split()[-1]
+                    seen.setdefault(name, set()).add(f"{version} (sha256 {info['sha256'][:12]})")
+    return {name: " / ".join(sorted(v)) for name, v in seen.items()}
+
+
+def run_go_rows(
+    pair: Pair,
+    cache_key: str,
+    go_cache: dict,
+    binaries: tuple[dict | None, dict | None],
+    args: argparse.Namespace,
+    run_id: str,
+    with_ours: bool,
+) -> None:
+    """Measure the Go rows of one pair into ``go_cache``.
+
+    Go tar-diff does not depend on our code: --ours-only reuses its cached row while the tars
+    and both binaries are unchanged. Our delta applied by Go tar-patch is measured whenever ours
+    is, since the delta changes with our code.
+    """
+    tar_diff, tar_patch = binaries
+    entry = go_cache.setdefault(pair.key, {})
+    if entry.get("cache_key") != cache_key:
+        entry.clear()
+        entry["cache_key"] = cache_key
+    tools = entry.setdefault("tools", {})
+    if tar_diff:
+        go_key = go_tar_diff_key(cache_key, tar_diff, tar_patch)
+        cached = tools.get("go-tar-diff")
+        if args.ours_only and cached and cached.get("go_key") == go_key:
+            log(f"  Go tar-diff: cached row from run {cached.get('run')}")
+        else:
+            row = run_go_tar_diff(pair, tar_diff, tar_patch)
+            row["go_key"], row["run"] = go_key, run_id
+            tools["go-tar-diff"] = row
+    if tar_patch and with_ours:
+        row = run_ours_go_patch(pair, tar_patch, args)
+        row["run"] = run_id
+        tools["ours-go-patch"] = row
 
 
 # --------------------------------------------------------------------------- main
@@ -707,6 +855,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--render-only", action="store_true", help="measure nothing; rebuild the table from OUT"
     )
+    ap.add_argument(
+        "--go-tar-diff",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also measure this Go tar-diff binary (bench/go_compat.sh --build-only)",
+    )
+    ap.add_argument(
+        "--go-tar-patch",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="apply Go tar-diff's deltas and our tardf1 delta with this Go tar-patch binary",
+    )
     ap.add_argument("--readme", type=Path, default=README, help="README to update")
     ap.add_argument("--no-readme", action="store_true", help="do not touch the README")
     args = ap.parse_args(argv)
@@ -715,6 +877,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         ap.error(f"unknown pair(s) {bad}; choose from {','.join(PAIRS)}")
     args.ours_diff_args = args.ours_diff_args.split()
+    for path in (args.go_tar_diff, args.go_tar_patch):
+        if path is not None and not (path.is_file() and os.access(path, os.X_OK)):
+            ap.error(
+                f"{path} is not an executable file (build it: bench/go_compat.sh --build-only)"
+            )
     return args
 
 
@@ -727,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     peers_cache = load_json(out / "peers.json")
     ours_cache = load_json(out / "ours.json")
     runs = load_json(out / "runs.json")
+    go_cache = load_json(out / "go.json")
 
     run_ours_flag = not args.peers_only and not args.render_only
     run_peers = not args.ours_only and not args.render_only
@@ -743,6 +911,11 @@ def main(argv: list[str] | None = None) -> int:
         what.append("peers " + ",".join(p for p in PEERS if p not in args.skip_peer))
     if run_ours_flag:
         what.append("podman-delta" if ours_ok else "podman-delta (n/a)")
+    tar_diff, tar_patch = (None, None) if args.render_only else go_tools_for(args)
+    if tar_diff:
+        what.append(f"Go tar-diff {tar_diff['sha256'][:12]}")
+    if tar_patch:
+        what.append(f"Go tar-patch {tar_patch['sha256'][:12]}")
     runs[run_id] = f"{now:%Y-%m-%d %H:%M} UTC, pairs {','.join(args.pairs)}: {'; '.join(what)}"
 
     for key in [] if args.render_only else args.pairs:
@@ -768,6 +941,11 @@ def main(argv: list[str] | None = None) -> int:
             row["run"] = run_id
             ours_cache[key] = {"cache_key": cache_key, "row": row}
             save_json(out / "ours.json", ours_cache)
+        with_ours = run_ours_flag and ours_ok
+        if tar_diff or (tar_patch and with_ours):
+            binaries = (tar_diff, tar_patch)
+            run_go_rows(pair, cache_key, go_cache, binaries, args, run_id, with_ours)
+            save_json(out / "go.json", go_cache)
         for f in pair.work.glob("*.out.tar"):  # patch outputs left by a failed check
             f.unlink()
     # Another run may have finished meanwhile: merge into what is on disk now.
@@ -799,10 +977,14 @@ def main(argv: list[str] | None = None) -> int:
         peers = peers_cache.get(key)
         if peers and peers.get("cache_key") == cache_key:
             tools.update(peers["tools"])
+        go = go_cache.get(key)
+        if go and go.get("cache_key") == cache_key:
+            tools.update(go["tools"])
         if tools:
             results["pairs"][key] = {"facts": pair.facts(), "tools": tools}
             used_runs.update(r.get("run") for r in tools.values())
     results["runs"] = {r: runs.get(r, "?") for r in used_runs if r}
+    results["versions"].update(go_versions(results["pairs"]))
     save_json(out / "results.json", results)
     table = render_table(results)
     (out / "table.md").write_text(table + "\n")
