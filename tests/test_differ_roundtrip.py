@@ -271,6 +271,22 @@ def test_incompressible_new_layer_is_refused(tmp_path: Path) -> None:
     assert delta.exists()
 
 
+def test_size_check_compresses_only_until_the_delta_is_known_smaller(tmp_path: Path) -> None:
+    """A small delta of a big layer: the layer is compressed only until it outgrows the delta."""
+    blobs = [rand(30 + i, 1_000_000) for i in range(6)]
+    old = make_tar(tmp_path / "old.tar", [(f"f{i}", "file", b, {}) for i, b in enumerate(blobs)])
+    new = make_tar(
+        tmp_path / "new.tar", [(f"f{i}", "file", b + b"!", {}) for i, b in enumerate(blobs)]
+    )
+    stats = diff_file([old], new, tmp_path / "delta", DiffOptions())
+    assert not stats.compressed_exact
+    assert stats.delta_size < stats.compressed_new_size < 3_000_000  # stopped early
+    assert "zstd over" in stats.compressed_text()
+    # compressing the whole layer gives more than the early stop measured
+    whole = len(zstandard.ZstdCompressor(level=3).compress(new.read_bytes()))
+    assert whole > 5_000_000
+
+
 def test_cli_diff_and_compressed_inputs(tmp_path: Path) -> None:
     blob = text(13, 2000)
     old = make_tar(tmp_path / "old.tar", [("x.py", "file", blob, {})])

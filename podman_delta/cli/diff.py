@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.files.items()))
     summary = (
         f"{args.delta}: {stats.delta_size} bytes (tardf{stats.version}), new tar "
-        f"{stats.new_tar_size} bytes, zstd {stats.compressed_new_size} bytes; files: {counts}"
+        f"{stats.new_tar_size} bytes, {stats.compressed_text()}; files: {counts}"
     )
     log.info("%s", summary)
     if sys.stderr.isatty():
