@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -37,6 +38,7 @@ from podman_delta.registry.client import (
     sha256_digest,
 )
 from podman_delta.registry.image import ImageInfo, image_info
+from podman_delta.tardiff.outfile import open_in_place, writes_in_place
 
 REF_NAME = "org.opencontainers.image.ref.name"
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -204,12 +206,14 @@ class ArchiveWriter:
     """Write an oci-archive: ``oci-layout``, blobs, then ``index.json`` (as oci-delta does).
 
     The tar is written to a temporary file beside ``path`` and renamed on :meth:`close`, so a
-    failed run leaves no half-written archive behind.
+    failed run leaves no half-written archive behind; into a device or FIFO (``/dev/null``) it
+    is copied instead.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".podman-delta-", suffix=".tar", dir=self.path.parent)
+        beside = None if writes_in_place(str(self.path)) else self.path.parent  # not into /dev
+        fd, tmp = tempfile.mkstemp(prefix=".podman-delta-", suffix=".tar", dir=beside)
         os.close(fd)
         self._tmp = Path(tmp)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
@@ -262,6 +266,12 @@ class ArchiveWriter:
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
         self._add_bytes("index.json", json.dumps(index, separators=(",", ":")).encode())
         self._tar.close()
+        if writes_in_place(str(self.path)):  # /dev/null, a FIFO: copy into it, never rename
+            out = os.fdopen(open_in_place(str(self.path)), "wb")
+            with open(self._tmp, "rb") as src, out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            self._tmp.unlink()
+            return
         os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp made it 0600
         os.replace(self._tmp, self.path)
 

@@ -72,6 +72,7 @@ from podman_delta.tardiff.matching import (
     is_text,
     merge_old_tars,
 )
+from podman_delta.tardiff.outfile import open_in_place, writes_in_place
 from podman_delta.tardiff.tarindex import REGULAR_TYPES, TarEntry, open_tar, scan
 
 log = logging.getLogger(__name__)
@@ -802,11 +803,15 @@ def diff_file(
     delta_path: str | os.PathLike[str],
     options: DiffOptions | None = None,
 ) -> DiffStats:
-    """Like :func:`diff`, writing ``delta_path`` atomically (temp file + rename).
+    """Like :func:`diff`, writing ``delta_path`` atomically (temp file + rename), or in place
+    when it is an existing device or FIFO.
 
     Leaves no file behind on any error, including :class:`DeltaTooLargeError`.
     """
     delta_path = os.fspath(delta_path)
+    if writes_in_place(delta_path):  # /dev/null, a FIFO: never rename over it
+        with os.fdopen(open_in_place(delta_path), "wb") as out:
+            return diff(old_paths, new_path, out, options)
     directory = os.path.dirname(os.path.abspath(delta_path))
     fd, tmp = tempfile.mkstemp(prefix=".podman-delta-", suffix=".tmp", dir=directory)
     try:

@@ -42,6 +42,7 @@ from podman_delta.tardiff.format import (
     Op,
     check_zstd_frame,
 )
+from podman_delta.tardiff.outfile import open_in_place, writes_in_place
 from podman_delta.tardiff.sources import Source, SourceFile
 
 #: Largest source file op 5 may use as a dictionary (the Go writer's own limit).
@@ -621,7 +622,8 @@ def patch_file(
 
     The output goes to a temporary file beside ``out_path`` that is renamed into place only after
     the whole delta applied and the digest matched; on any error it is removed, so a partial or
-    wrong layer never appears under the final name.
+    wrong layer never appears under the final name. An existing device or FIFO (``/dev/null``)
+    is written in place instead (:mod:`podman_delta.tardiff.outfile`).
     """
     if expected_digest:
         _normalize_digest(expected_digest)  # fail before doing any work
@@ -637,7 +639,17 @@ def patch_file(
             )
             stdout.flush()
             return result
-        return _patch_to_file(delta, source, os.fspath(out_path), expected_digest, max_output)
+        out = os.fspath(out_path)
+        if writes_in_place(out):
+            with os.fdopen(open_in_place(out), "wb", buffering=0) as raw:
+                return apply(
+                    delta,
+                    source,
+                    raw,  # type: ignore[arg-type]
+                    expected_digest=expected_digest,
+                    max_output=max_output,
+                )
+        return _patch_to_file(delta, source, out, expected_digest, max_output)
 
 
 def _patch_to_file(
