@@ -461,12 +461,14 @@ def _read_exact_or_short(fileobj: BinaryIO, n: int) -> bytes:
 class WriterOptions:
     """How a delta's op stream is compressed.
 
-    The defaults favour size: deltas are made once and fetched many times. ``window_log`` 27
-    (128 MiB) stays within what every tar-diff applier decodes (libzstd's default limit).
+    The level favours size: deltas are made once and fetched many times. The window is what
+    every applier must hold while decoding, so it bounds the patcher's memory whatever the layer
+    size: 32 MiB (``window_log`` 25) cost 0.01 % on a 213 MB Python layer and 0.25 % on an OS
+    major update against 128 MiB, which made Go tar-patch peak at 200 MB.
     """
 
     level: int = 19
-    window_log: int = 27
+    window_log: int = 25
     long_distance: bool = True
     threads: int = 0
 
