@@ -115,15 +115,19 @@ row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$ROWS"; }
 # Build cmd/tar-patch in GOPATH mode: no module download, no proxy, no network. The tree is
 # linked (not copied) under a scratch GOPATH; everything else resolves from /usr/share/gocode.
 build_tar_patch() {
-  local gp=$WORK/gopath gopath
-  gopath=$gp${EXTRA_GOPATH:+:$EXTRA_GOPATH}:$GOCODE
+  go_build tar-patch "$WORK/gopath${EXTRA_GOPATH:+:$EXTRA_GOPATH}:$GOCODE" ||
+    die "building tar-patch from $SRC failed (only the v0.1.x and pkg/protocol layouts are known to build)"
+  TP=$WORK/tar-patch
+}
+
+# go_build CMD GOPATH: build ./cmd/CMD of the linked tree into $WORK/CMD, offline.
+go_build() {
+  local gp=$WORK/gopath
   mkdir -p "$gp/src/github.com/containers"
   ln -sfn "$SRC" "$gp/src/github.com/containers/tar-diff"
   (cd "$gp/src/github.com/containers/tar-diff" &&
-    env GO111MODULE=off GOPATH="$gopath" GOPROXY=off GOFLAGS= GOCACHE="$WORK/gocache" \
-      CGO_ENABLED=0 go build -o "$WORK/tar-patch" ./cmd/tar-patch) ||
-    die "building tar-patch from $SRC failed (only the v0.1.x and pkg/protocol layouts are known to build)"
-  TP=$WORK/tar-patch
+    env GO111MODULE=off GOPATH="$2" GOPROXY=off GOFLAGS= GOCACHE="$WORK/gocache" \
+      CGO_ENABLED=0 go build -o "$WORK/$1" "./cmd/$1")
 }
 
 # Build cmd/tar-diff the same way into $WORK/tar-diff. Its only import outside the tree and
@@ -142,12 +146,7 @@ build_tar_diff() {
     die "klauspost/pgzip missing: apt-get install golang-github-klauspost-pgzip-dev"
   gopath=$gp${EXTRA_GOPATH:+:$EXTRA_GOPATH}
   [ -n "$found" ] || gopath=$gopath:$standin
-  gopath=$gopath:$GOCODE
-  mkdir -p "$gp/src/github.com/containers"
-  ln -sfn "$SRC" "$gp/src/github.com/containers/tar-diff"
-  (cd "$gp/src/github.com/containers/tar-diff" &&
-    env GO111MODULE=off GOPATH="$gopath" GOPROXY=off GOFLAGS= GOCACHE="$WORK/gocache" \
-      CGO_ENABLED=0 go build -o "$WORK/tar-diff" ./cmd/tar-diff) ||
+  go_build tar-diff "$gopath:$GOCODE" ||
     die "building tar-diff from $SRC failed (the v0.1.x layout is known to build)"
 }
 

@@ -30,6 +30,7 @@ from podman_delta.storage.store import Store
 from tests.support.podman import (
     AppImages,
     Podman,
+    pull_layout_leftover,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -134,19 +135,7 @@ def test_leftover_named_after_the_layout_path_is_removed(tmp_path, registry, ima
     """A run killed between podman 4's ``pull oci:DIR`` and the renaming leaves this name."""
     pm = Podman(tmp_path / "p")
     pm.pull(images.v1.reference)
-    config = json.loads(images.v2.config)
-    config["config"]["Labels"] = {"left": "over"}
-    cfg = json.dumps(config).encode()
-    layout = tmp_path / "podman-delta-import-0123456789ab" / LAYOUT_DIR
-    new_tar = tmp_path / "new.tar"
-    new_tar.write_bytes(images.new_tar)
-    rows = [
-        (images.v2.diff_ids[0], None, 0),
-        (images.v2.diff_ids[1], str(new_tar), new_tar.stat().st_size),
-    ]
-    write_oci_layout(layout, cfg, rows, "whatever")
-    pm.run("pull", "-q", f"oci:{layout}:whatever")
-    leftover = f"localhost{layout}:latest"
+    leftover = pull_layout_leftover(pm, images, tmp_path)
     assert pm.run("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split().count(leftover)
     assert len(staging_images(Store(pm.options))) == 1
     podman, _ = _wrapper(tmp_path)

@@ -8,24 +8,21 @@ image is removed by ID while the user's tag is written.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 
 from podman_delta.storage.importer import (
-    LAYOUT_DIR,
     LayerTar,
     _Podman,
     _remove_staging,
     import_image,
     is_staging_name,
     staging_images,
-    write_oci_layout,
 )
 from podman_delta.storage.store import Store
-from tests.support.podman import AppImages, Podman
+from tests.support.podman import AppImages, Podman, pull_layout_leftover
 
 pytestmark = pytest.mark.usefixtures("runc_podman_env")
 
@@ -108,21 +105,10 @@ def test_import_runs_four_podman_commands(tmp_path, registry, images, workdir, c
 
 def _pulled_leftover(pm: Podman, imgs: AppImages, tmp_path: Path) -> str:
     """A staging-like image under podman 4's path name, as a killed run leaves it; its ID."""
-    config = json.loads(imgs.v2.config)
-    config["config"]["Labels"] = {"left": "over"}
-    cfg = json.dumps(config).encode()
-    layout = tmp_path / "podman-delta-import-0123456789ab" / LAYOUT_DIR
-    new_tar = tmp_path / "new.tar"
-    new_tar.write_bytes(imgs.new_tar)
-    rows = [
-        (imgs.v2.diff_ids[0], None, 0),
-        (imgs.v2.diff_ids[1], str(new_tar), new_tar.stat().st_size),
-    ]
-    write_oci_layout(layout, cfg, rows, "whatever")
-    pm.run("pull", "-q", f"oci:{layout}:whatever")
+    leftover = pull_layout_leftover(pm, imgs, tmp_path)
     store = Store(pm.options)
     ((image_id, names),) = staging_images(store)
-    assert list(names) == [f"localhost{layout}:latest"] and is_staging_name(names[0])
+    assert list(names) == [leftover] and is_staging_name(names[0])
     return image_id
 
 

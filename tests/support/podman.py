@@ -387,3 +387,23 @@ class RootlessUser:
         with suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text().strip()), 9)
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def pull_layout_leftover(pm: Podman, imgs: AppImages, tmp_path: Path) -> str:
+    """Leave what a run killed right after podman 4's ``pull oci:DIR`` leaves: an image named
+    ``localhost/<layout path>:latest`` (v2 with an extra label, so its ID is new); its name."""
+    from podman_delta.storage.importer import LAYOUT_DIR, write_oci_layout
+
+    config = json.loads(imgs.v2.config)
+    config["config"]["Labels"] = {"left": "over"}
+    cfg = json.dumps(config).encode()
+    layout = tmp_path / "podman-delta-import-0123456789ab" / LAYOUT_DIR
+    new_tar = tmp_path / "new.tar"
+    new_tar.write_bytes(imgs.new_tar)
+    rows = [
+        (imgs.v2.diff_ids[0], None, 0),
+        (imgs.v2.diff_ids[1], str(new_tar), new_tar.stat().st_size),
+    ]
+    write_oci_layout(layout, cfg, rows, "whatever")
+    pm.run("pull", "-q", f"oci:{layout}:whatever")
+    return f"localhost{layout}:latest"
