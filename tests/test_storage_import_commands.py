@@ -23,6 +23,7 @@ from podman_delta.storage.importer import (
 )
 from podman_delta.storage.store import Store
 from tests.support.podman import AppImages, Podman, pull_layout_leftover
+from tests.test_import_layout import _assert_exact
 
 pytestmark = pytest.mark.usefixtures("runc_podman_env")
 
@@ -91,14 +92,7 @@ def test_import_runs_four_podman_commands(tmp_path, registry, images, workdir, c
     assert last[1][-2:] == [result.image_id, v2.reference]
     assert last[0][-1] != result.image_id
     # The image is exactly what a plain pull makes, and no staging image is left.
-    info = pm.inspect(v2.reference)
-    assert info["Id"] == result.image_id == v2.config_digest.removeprefix("sha256:")
-    assert info["RepoTags"] == [v2.reference]
-    assert info["RepoDigests"] == [f"{v2.repo}@{v2.manifest_digest}"]
-    assert info["RootFS"]["Layers"] == v2.diff_ids
-    assert staging_images(Store(pm.options)) == []
-    ids = [d.removeprefix("sha256:") for d in (images.v1.config_digest, v2.config_digest)]
-    assert pm.image_ids() == sorted(ids)
+    _assert_exact(pm, images, result)
     # bench/bench_pull.py reads these timings.
     assert any("timing: staging pull" in r.getMessage() for r in caplog.records)
 
