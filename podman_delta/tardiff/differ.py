@@ -747,7 +747,9 @@ def _write_ops(
     # future, a huge entry streamed by the main thread, or None at the end.
     pending: deque[tuple[int, int, Future | TarEntry | None]] = deque()
     inflight = 0
-    max_jobs = 8 * (pool._max_workers or 1)
+    # Many small jobs may wait behind a big one (a 4 MB binary's bsdiff): the look-ahead is
+    # bounded by bytes (INFLIGHT_BYTES), and a generous job count keeps the other workers busy.
+    max_jobs = 256 * (pool._max_workers or 1)
 
     def drain_one() -> None:
         nonlocal inflight
