@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 from bench_pull import OCI_MANIFEST, PAIRS, push_layer_image  # noqa: E402
-from run import log, measure, ours_cmd, ours_env  # noqa: E402
+from run import log, measure, ours_cmd, ours_env, write_section  # noqa: E402
 
 from podman_delta.registry.artifact import ANN_CONTENT, CONTENT_LAYER, TAR_DIFF  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
@@ -284,15 +284,7 @@ second: 6 requests, under 2 kB downloaded, nothing written.
 
 def update_readme(text: str) -> None:
     """Rewrite only our marked section; append it when the markers are missing."""
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    block = f"{MARK_START}\n{SECTION}{text}\n{MARK_END}"
-    if MARK_START in body and MARK_END in body:
-        head, rest = body.split(MARK_START, 1)
-        body = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(body)
+    write_section(HERE / "README.md", MARK_START, MARK_END, SECTION + text)
 
 
 def _load() -> str:

@@ -45,6 +45,9 @@ import requests
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from run import write_section  # noqa: E402
 
 from tests.support.registry import Registry  # noqa: E402
 
@@ -555,15 +558,8 @@ inode created in the next minutes first scans past the recently freed ones (ext4
 
 
 def update_readme(text: str) -> None:
-    readme = HERE / "README.md"
-    body = readme.read_text()
-    block = f"{MARK_START}\n{SECTION}{text}\n{MARK_END}"
-    if MARK_START in body and MARK_END in body:
-        head, rest = body.split(MARK_START, 1)
-        body = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(body)
+    """Rewrite only our marked section; append it when the markers are missing."""
+    write_section(HERE / "README.md", MARK_START, MARK_END, SECTION + text)
 
 
 def main() -> int:

@@ -772,16 +772,22 @@ def _peak(m: dict) -> float | None:
     return max(m.get("maxrss_mb") or 0, m.get("tree_rss_peak_mb") or 0)
 
 
-def write_readme(table: str, readme: Path) -> None:
+def write_section(readme: Path, start: str, end: str, content: str, heading: str = "") -> None:
+    """Replace what lies between the ``start`` and ``end`` markers of ``readme`` with
+    ``content``; append the marked block (after ``heading``) when the markers are missing.
+    Every benchmark script owns one such section of bench/README.md."""
     text = readme.read_text() if readme.exists() else ""
-    block = f"{MARK_START}\n{table}\n{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        pre, rest = text.split(MARK_START, 1)
-        _, post = rest.split(MARK_END, 1)
-        text = pre + block + post
+    block = f"{start}\n{content}\n{end}"
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        text = pre + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Results\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + heading + block + "\n"
     readme.write_text(text)
+
+
+def write_readme(table: str, readme: Path) -> None:
+    write_section(readme, MARK_START, MARK_END, table, heading="## Results\n\n")
 
 
 def go_versions(pairs: dict) -> dict[str, str]:
