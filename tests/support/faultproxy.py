@@ -27,9 +27,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 
-from tests.support.httpserver import LocalServer
+from tests.support.httpserver import LocalServer, QuietHandler
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te"}
 _CHUNK = 64 << 10
@@ -111,12 +110,8 @@ class FaultProxy(LocalServer):
             return rule
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     owner: FaultProxy
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
-        pass
 
     def do_GET(self) -> None:
         self._handle()
@@ -132,9 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is None:
             self._forward(body, None)
         elif rule.action == "status":
-            self._answer(rule.status, rule.headers, rule.body)
+            self.send_answer(rule.status, rule.headers, rule.body)
         elif rule.action == "redirect":
-            self._answer(307, {"Location": f"http://{rule.to}{self.path}"}, b"")
+            self.send_answer(307, {"Location": f"http://{rule.to}{self.path}"}, b"")
         elif rule.action == "endless":
             self._endless(rule)
         else:  # drop, stall, corrupt: forward, then misbehave in the body
@@ -154,15 +149,6 @@ class _Handler(BaseHTTPRequestHandler):
                 data += self.rfile.read(size)
                 self.rfile.readline()
         return None
-
-    def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     # -- forwarding
 

@@ -1,8 +1,8 @@
 """The threaded HTTP server both test proxies run on: 127.0.0.1, an ephemeral port, optional TLS.
 
-A subclass sets ``handler`` to its ``BaseHTTPRequestHandler`` class; each request's handler
-finds the running server object as ``self.owner`` (bound per instance, so several servers of
-the same class can run side by side).
+A subclass sets ``handler`` to its :class:`QuietHandler` subclass; each request's handler finds
+the running server object as ``self.owner`` (bound per instance, so several servers of the same
+class can run side by side).
 """
 
 from __future__ import annotations
@@ -13,10 +13,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar, Self
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, no access log on stderr (pytest output stays clean), and one
+    way to send a complete answer."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def send_answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Status, headers, Content-Length and (except for HEAD) the body."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
 class LocalServer:
     """``with Server(…) as server:`` serves in a daemon thread; ``server.host`` is host:port."""
 
-    handler: ClassVar[type[BaseHTTPRequestHandler]]
+    handler: ClassVar[type[QuietHandler]]
     tls: tuple[str, str] | None = None  # (certificate file, key file): serve HTTPS
 
     _server: ThreadingHTTPServer | None = None

@@ -23,10 +23,9 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.httpserver import LocalServer
+from tests.support.httpserver import LocalServer, QuietHandler
 
 _REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<digest>sha256:[0-9a-f]{64})$")
 _MANIFEST_PUT = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)$")
@@ -101,21 +100,8 @@ class ReferrersProxy(LocalServer):
         return None
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     owner: ReferrersProxy
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:  # quiet
-        pass
-
-    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     def _handle(self) -> None:
         owner = self.owner
@@ -129,7 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         fault = owner._take_fault(self.command, self.path)
         if fault and fault.action == "status":
-            return self._send(fault.status, fault.headers, fault.body)
+            return self.send_answer(fault.status, fault.headers, fault.body)
         m = _REFERRERS.match(path)
         if m and owner.referrers_enabled and self.command == "GET":
             return self._referrers(m["name"], m["digest"])
@@ -152,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return None
-        return self._send(status, headers, rbody)
+        return self.send_answer(status, headers, rbody)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
@@ -206,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
             "mediaType": "application/vnd.oci.image.index.v1+json",
             "manifests": entries,
         }
-        self._send(200, headers, json.dumps(index).encode())
+        self.send_answer(200, headers, json.dumps(index).encode())
 
     # -- bearer
 
@@ -222,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         scheme = "https" if self.owner.tls else "http"
         challenge = f'Bearer realm="{scheme}://{self.owner.host}/token",service="stub"{scope}'
         body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "token"}]}).encode()
-        self._send(401, {"WWW-Authenticate": challenge}, body)
+        self.send_answer(401, {"WWW-Authenticate": challenge}, body)
         return False
 
     def _token(self) -> None:
@@ -234,10 +220,11 @@ class _Handler(BaseHTTPRequestHandler):
             user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
             ok = (self.owner.bearer_users or {}).get(user) == pw
         if not ok:
-            return self._send(401, {}, b'{"details":"bad credentials"}')
+            return self.send_answer(401, {}, b'{"details":"bad credentials"}')
         token = secrets.token_hex(16)
         self.owner.tokens.add(token)
-        self._send(200, {"Content-Type": "application/json"}, json.dumps({"token": token}).encode())
+        body = json.dumps({"token": token}).encode()
+        self.send_answer(200, {"Content-Type": "application/json"}, body)
 
 
 ReferrersProxy.handler = _Handler
