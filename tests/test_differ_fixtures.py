@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 
 from podman_delta.tardiff.differ import DiffOptions, diff_file
 from podman_delta.tardiff.format import DeltaReader, Op
-from podman_delta.tardiff.patcher import apply
-from podman_delta.tardiff.sources import open_source
 from tests.conftest import FIXTURES
+from tests.test_differ_roundtrip import rebuilt
 
 GO = FIXTURES / "go-tardiff"
 
@@ -26,14 +24,7 @@ def test_smaller_than_go_and_exact(tmp_path: Path, pair: str, fmt: str) -> None:
         (GO / pair / n).stat().st_size for n in ("go-default.tardiff", "go-level19.tardiff")
     )
     assert stats.delta_size < go_best
-    out = io.BytesIO()
-    source = open_source([old])
-    try:
-        with open(delta, "rb") as f:
-            apply(f, source, out)
-    finally:
-        source.close()
-    assert out.getvalue() == new.read_bytes()
+    assert rebuilt(delta, [old]) == new.read_bytes()
     with open(delta, "rb") as f:
         reader = DeltaReader(f)
         ops = {r.op for r in reader}

@@ -48,12 +48,8 @@ def make_tar(path: Path, entries: list[Entry]) -> Path:
     return path
 
 
-def roundtrip(olds: list[Path], new: Path, tmp: Path, **opts) -> tuple[int, list]:
-    """Diff, apply with the real patcher against the old tars, return (delta size, records)."""
-    delta = tmp / "delta"
-    options = DiffOptions(check_size=False, threads=2, **opts)
-    stats = diff_file(olds, new, delta, options)
-    assert stats.delta_size == delta.stat().st_size
+def rebuilt(delta: Path, olds: list[Path]) -> bytes:
+    """What the real patcher makes of ``delta`` with the old tars (stacked) as the source."""
     out = io.BytesIO()
     source = open_source(olds)
     try:
@@ -61,7 +57,16 @@ def roundtrip(olds: list[Path], new: Path, tmp: Path, **opts) -> tuple[int, list
             apply(f, source, out)
     finally:
         source.close()
-    assert out.getvalue() == new.read_bytes()
+    return out.getvalue()
+
+
+def roundtrip(olds: list[Path], new: Path, tmp: Path, **opts) -> tuple[int, list]:
+    """Diff, apply with the real patcher against the old tars, return (delta size, records)."""
+    delta = tmp / "delta"
+    options = DiffOptions(check_size=False, threads=2, **opts)
+    stats = diff_file(olds, new, delta, options)
+    assert stats.delta_size == delta.stat().st_size
+    assert rebuilt(delta, olds) == new.read_bytes()
     with open(delta, "rb") as f:
         reader = DeltaReader(f)
         records = list(reader)
