@@ -31,7 +31,7 @@ from podman_delta.storage.store import Store
 from tests.support.faultproxy import FaultProxy, Rule
 from tests.support.podman import Podman, isolated_blob_cache
 from tests.support.registry import Registry
-from tests.test_pull_e2e import Pair, delta_pull, publish, push_pair
+from tests.test_pull_e2e import Pair, delta_pull, publish, pull_argv, push_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,18 +140,6 @@ def _store_with_v1(world: World, base: Path, driver: str = "vfs") -> Podman:
     return p
 
 
-def _argv(p: Podman, ref: str, *extra: str) -> list[str]:
-    return [
-        "pull",
-        "--tls-verify=false",
-        f"--root={p.root}",
-        f"--runroot={p.runroot}",
-        f"--storage-driver={p.driver}",
-        *extra,
-        ref,
-    ]
-
-
 def _assert_before_or_after(
     world: World, p: Podman, before: list[str], killed: bool = False
 ) -> str:
@@ -196,7 +184,7 @@ def _interrupt_at(
     script = _CHILD.format(root=str(ROOT))
     extra = [f"--workdir={work}", "--no-fallback"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, *_argv(p, world.pair.v2.reference, *extra)],
+        [sys.executable, "-c", script, *pull_argv(p, world.pair.v2.reference, *extra)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -346,7 +334,7 @@ def test_full_store_disk(world: World, cache: Path, tmp_path: Path) -> None:
 
 
 def _start_pull(p: Podman, ref: str, *extra: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "podman_delta", *_argv(p, ref, "--json", *extra)]
+    cmd = [sys.executable, "-m", "podman_delta", *pull_argv(p, ref, "--json", *extra)]
     return subprocess.Popen(
         cmd, env=p.environ(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -422,7 +410,7 @@ def test_ctrl_c_during_a_slow_full_download_stops_promptly(
             sys.executable,
             "-c",
             _CHILD.format(root=str(ROOT)),
-            *_argv(p, world.pair.v2.reference, f"--workdir={work}", "--limit-rate=50k"),
+            *pull_argv(p, world.pair.v2.reference, f"--workdir={work}", "--limit-rate=50k"),
         ],
         env=p.environ(),
         cwd=ROOT,

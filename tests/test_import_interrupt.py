@@ -19,6 +19,7 @@ from tests.support.podman import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: A child process that imports one image (the tests interrupt it); also used by test_import_layout.
 CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})

@@ -32,6 +32,7 @@ from tests.support.podman import (
     Podman,
     pull_layout_leftover,
 )
+from tests.test_import_interrupt import CHILD
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,20 +142,6 @@ def test_leftover_named_after_the_layout_path_is_removed(tmp_path, registry, ima
     podman, _ = _wrapper(tmp_path)
     result = _import(pm, images, tmp_path / "work", podman)
     _assert_exact(pm, images, result)
-
-
-CHILD = """
-import json, sys
-sys.path.insert(0, {root!r})
-from podman_delta.storage.config import StoreOptions
-from podman_delta.storage.importer import LayerTar, import_image
-from podman_delta.storage.store import Store
-a = json.load(open({args!r}))
-from pathlib import Path
-opts = StoreOptions(graph_root=Path(a["root"]), run_root=Path(a["runroot"]), driver="vfs")
-import_image(Store(opts), a["ref"], a["digest"], a["config"].encode(),
-             [LayerTar(*la) for la in a["layers"]], podman=a["podman"], tls_verify=False)
-"""
 
 
 def test_sigterm_after_staging_pull_removes_its_image(tmp_path, registry, images):  # type: ignore[no-untyped-def]

@@ -104,14 +104,9 @@ def cache() -> Iterator[Path]:
         yield path
 
 
-def delta_pull(
-    p: Podman, ref: str, *extra: str, check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run ``podman-delta pull`` as the user would (a separate process, podman's store flags)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "podman_delta",
+def pull_argv(p: Podman, ref: str, *extra: str) -> list[str]:
+    """``podman-delta`` arguments that pull ``ref`` into ``p``'s store (podman's store flags)."""
+    return [
         "pull",
         "--tls-verify=false",
         f"--root={p.root}",
@@ -120,6 +115,13 @@ def delta_pull(
         *extra,
         ref,
     ]
+
+
+def delta_pull(
+    p: Podman, ref: str, *extra: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``podman-delta pull`` as the user would (a separate process, podman's store flags)."""
+    cmd = [sys.executable, "-m", "podman_delta", *pull_argv(p, ref, *extra)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=p.environ(), timeout=timeout, cwd=ROOT
     )
