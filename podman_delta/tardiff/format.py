@@ -199,50 +199,14 @@ class _TeeReader(io.RawIOBase):
 def check_zstd_frame(frame: bytes | bytearray) -> int:
     """Raise :class:`DeltaFormatError` unless ``frame`` holds only complete zstd frames.
 
-    Returns how many zstd frames (skippable frames aside) it holds.
-
-    The same walk as :class:`_FrameTracker` (frame and block headers, no decompression), over
-    bytes that are all at hand: one loop instead of a state machine fed piece by piece (a layer
-    delta can hold thousands of op-5 frames).
+    Returns how many zstd frames (skippable frames aside) it holds. The walk is the stream's own
+    (:class:`_FrameTracker`), so one parser decides what a complete zstd frame is.
     """
-    n = len(frame)
-    pos = frames = 0
-    while pos < n:
-        if pos + 4 > n:
-            break
-        magic = int.from_bytes(frame[pos : pos + 4], "little")
-        if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
-            if pos + 8 > n:
-                break
-            pos += 8 + int.from_bytes(frame[pos + 4 : pos + 8], "little")
-            continue
-        if magic != _FrameTracker._ZSTD_MAGIC:
-            raise DeltaFormatError("delta body is not a zstd stream (bad frame magic)")
-        if pos + 5 > n:
-            break
-        fhd = frame[pos + 4]
-        fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
-        fcs = single if fcs_flag == 0 else (2, 4, 8)[fcs_flag - 1]
-        pos += 5 + (1 - single) + (0, 1, 2, 4)[dict_flag] + fcs
-        while True:  # blocks
-            if pos + 3 > n:
-                pos = n + 1  # cut inside the frame
-                break
-            header = int.from_bytes(frame[pos : pos + 3], "little")
-            btype = (header >> 1) & 3
-            if btype == 3:
-                raise DeltaFormatError("delta body is corrupt (reserved zstd block type)")
-            pos += 3 + (1 if btype == 1 else header >> 3)
-            if header & 1:
-                break
-        if fhd & 4:  # content checksum
-            pos += 4
-        if pos > n:
-            break
-        frames += 1
-    if pos != n or frames == 0:
+    tracker = _FrameTracker()
+    tracker.feed(frame)
+    if not tracker.at_boundary or tracker.frames == 0:
         raise DeltaFormatError("delta is corrupt: truncated zstd frame in a ZSTD_DICT op")
-    return frames
+    return tracker.frames
 
 
 # --------------------------------------------------------------------------- reader
