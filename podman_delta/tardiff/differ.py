@@ -323,6 +323,7 @@ class _Differ:
         old_fds: list[int],
         new_fd: int,
         files: list[OldFile],
+        new_entries: list[TarEntry],
         allow_zdict: bool,
     ) -> None:
         self.options = options
@@ -332,7 +333,8 @@ class _Differ:
         self.names = NameIndex(files)
         self.by_digest: dict[tuple[int, bytes], OldFile] = {}
         self.allow_zdict = allow_zdict
-        self.new_by_path: dict[bytes, TarEntry] = {}
+        # New files by path, for a compiled module to find its own source (_compiled_from).
+        self.new_by_path = {e.bpath: e for e in new_entries if _is_target(e)}
         self.budget = _Budget(WORK_BUDGET)
         self.anchors = AnchorIndex()
         self._local = threading.local()
@@ -657,13 +659,13 @@ def diff(
             [t.fileno() for t in old_tars],
             new_tar.fileno(),
             files,
+            new_entries,
             allow_zdict=opts.format != "tardf1",
         )
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=threads))
         differ.index_digests({e.size for e in new_entries if _is_target(e)}, pool)
         t0 = time.monotonic()
         differ.index_anchors()
-        differ.new_by_path = {e.bpath: e for e in new_entries if _is_target(e)}
         log.debug("anchor index built in %.2f s", time.monotonic() - t0)
         stats = DiffStats(new_tar_size=new_size)
         version = 1 if opts.format == "tardf1" else 2
