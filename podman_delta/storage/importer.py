@@ -103,28 +103,29 @@ class _Podman:
     def args(self, *more: str) -> list[str]:
         return [self.binary, *self.store.options.podman_args(), *more]
 
-    def run(self, *more: str, cwd: Path | None = None) -> str:
+    def _spawn(
+        self, more: tuple[str, ...], cwd: Path | None, capture: bool
+    ) -> subprocess.Popen[str]:
         cmd = self.args(*more)
         log.debug("running %s", " ".join(cmd))
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, *more: str, cwd: Path | None = None) -> str:
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            proc = self._spawn(more, cwd, capture=True)
         except OSError as exc:
             raise StorageError(
                 f"cannot run {self.binary}: {exc.strerror}; is podman installed?"
             ) from exc
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            _stop(proc)
-            raise
+        out, err = _finish(proc)
         log.debug("podman %s took %.2f s", more[0], time.monotonic() - start)
         if proc.returncode != 0:
             lines = err.strip().splitlines()
@@ -134,16 +135,8 @@ class _Podman:
 
     def start(self, *more: str) -> subprocess.Popen[str] | None:
         """Start a command whose outcome is checked later (None: it could not be started)."""
-        cmd = self.args(*more)
-        log.debug("starting %s", " ".join(cmd))
         try:
-            return subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            return self._spawn(more, None, capture=False)
         except OSError as exc:
             log.debug("cannot start %s: %s", self.binary, exc.strerror)
             return None
@@ -155,6 +148,15 @@ class _Podman:
             log.debug("%s", exc)
             return False
         return True
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Wait for ``proc`` and return its output; stop it cleanly if we are interrupted meanwhile."""
+    try:
+        return proc.communicate()
+    except BaseException:
+        _stop(proc)
+        raise
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -744,11 +746,7 @@ def _wait(proc: subprocess.Popen[str] | None) -> None:
     """Wait for a command from :meth:`_Podman.start`; stop it if interrupted meanwhile."""
     if proc is None:
         return
-    try:
-        _, err = proc.communicate()
-    except BaseException:
-        _stop(proc)
-        raise
+    _, err = _finish(proc)
     if proc.returncode != 0:
         log.debug("podman rmi of the staging image failed: %s", err.strip()[-300:])
 
