@@ -261,38 +261,11 @@ class DirSource:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                opened = self._open_regular(hit[0], comp)
-                if opened is not None:
-                    return opened
-                found = self._in_dir(hit[0], False, comp, name, False)  # the exact error
+                found = self._in_dir(hit[0], False, comp, name, False)
                 if isinstance(found, Found):
                     raise _not_found(name, found)
                 return found
         return _open_by_lookup(self, name)
-
-    @staticmethod
-    def _open_regular(dfd: int, comp: bytes) -> _FdFile | None:
-        """The happy path of :meth:`_in_dir` + :meth:`_open_file`, inline: a regular file that
-        stays the same file from the stat to the open. None for anything else (missing, not
-        regular, symlink, changed, any error), which then takes the general path.
-        """
-        try:
-            st = os.stat(comp, dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            fd = os.open(comp, _FILE_FLAGS, dir_fd=dfd)
-        except OSError:
-            return None
-        try:
-            fst = os.fstat(fd)
-        except OSError:
-            fst = None
-        if fst is None or not (
-            stat.S_ISREG(fst.st_mode) and fst.st_ino == st.st_ino and fst.st_dev == st.st_dev
-        ):
-            os.close(fd)
-            return None
-        return _FdFile(fd, fst.st_size)
 
     def lookup(self, parts: list[bytes], name: bytes, stacked: bool = False) -> SourceFile | Found:
         """Find ``parts`` in this tree; with ``stacked``, honour ``.wh.`` and opaque markers."""
