@@ -20,6 +20,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from zlib import crc32
 
 from podman_delta.tardiff.format import MAX_NAME, clean_name
 from podman_delta.tardiff.tarindex import TarEntry
@@ -221,7 +222,7 @@ def anchors(data: bytes) -> dict[int, int]:
     out: dict[int, int] = {}
     for line in data.split(b"\n"):
         if len(line) >= MIN_ANCHOR:
-            h = hash(line)
+            h = crc32(line)  # not hash(): salted per process, which made deltas vary by run
             if not h & 3:
                 out[h] = len(line)
     return out
