@@ -10,6 +10,7 @@ APT_PACKAGES=(
   podman skopeo buildah runc fuse-overlayfs uidmap      # real podman 4.3.1 and friends
   docker-registry apache2-utils curl openssl             # the registry the tests talk to
   debootstrap zstd xdelta3 bsdiff                        # chroots, whole-tar peers
+  libzstd1                                               # op-5 frames with raw literals
   systemd shellcheck                                     # systemd-analyze verify, hook lint
   python3-venv python3-dev gcc libattr1-dev              # the virtualenv and pyxattr
 )

@@ -55,6 +55,7 @@ import bsdiff4.core
 import zstandard
 
 from podman_delta.errors import DeltaError, DeltaTooLargeError
+from podman_delta.tardiff import rawframe
 from podman_delta.tardiff.format import (
     MAGIC_LEN,
     MAGIC_V1,
@@ -477,8 +478,8 @@ class _Differ:
             return "zstd_dict", ops
         # Dictionary loading runs at about 1 MB/s at level 19: cap the level for huge files.
         level = self.options.level if len(new) <= 8 << 20 else min(self.options.level, 12)
-        frame = self._zdict_frame(source, new, level)
-        if frame is None or len(frame) >= len(estimate):
+        frame = self._zdict_frame(source, new, level, raw_literals=True)
+        if frame is None:
             frame = estimate
         return "zstd_dict", [("open", source.name), ("zdict", frame, source.size)]
 
@@ -589,14 +590,24 @@ class _Differ:
             ops += self._window_ops(source, new[i : i + window], centre, window)
         return ops
 
-    def _zdict_frame(self, source: OldFile, new: bytes, level: int) -> bytes | None:
-        """A zstd frame of ``new`` with all of ``source`` as raw dictionary (op 5's payload)."""
+    def _zdict_frame(
+        self, source: OldFile, new: bytes, level: int, *, raw_literals: bool = False
+    ) -> bytes | None:
+        """A zstd frame of ``new`` with all of ``source`` as raw dictionary (op 5's payload).
+
+        ``raw_literals`` stores the frame's literals uncompressed (see :mod:`.rawframe`), for
+        the frame that goes into the delta; estimates use a normal frame, whose size is close
+        to what the raw one costs once the op stream is compressed.
+        """
         ref = self.read_old(source)
         window_log = max(10, (max(source.size, len(new)) - 1).bit_length())
         with self.budget.reserve(8 * (len(ref) + len(new)) + (64 << 20)):
+            frame = rawframe.compress(new, ref, level, window_log) if raw_literals else None
+            if frame is not None:
+                return frame if len(frame) <= MAX_PAYLOAD else None
             zdict = zstandard.ZstdCompressionDict(ref, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             params = zstandard.ZstdCompressionParameters.from_level(
-                level, window_log=window_log, write_content_size=True, write_checksum=False
+                level, window_log=window_log, write_content_size=False, write_checksum=False
             )
             frame = zstandard.ZstdCompressor(compression_params=params, dict_data=zdict).compress(
                 new

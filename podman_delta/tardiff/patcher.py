@@ -546,12 +546,8 @@ class _Applier:
         del content
         dctx = zstandard.ZstdDecompressor(dict_data=dict_data, max_window_size=MAX_WINDOW)
         try:
-            if frames == 1 and _small_content(frame):
-                # One frame that declares a small content size (the Go writer's single-segment
-                # frames always do): decode it in one call, straight into a result of that
-                # size, without the stream's window buffer and 1 MiB reads (a layer delta can
-                # hold thousands of these). Bounded memory: _ONE_SHOT at most.
-                self.sink.write(dctx.decompress(frame))
+            if frames == 1 and (small := _one_shot(dctx, frame)) is not None:
+                self.sink.write(small)
             else:
                 with dctx.stream_reader(frame, read_across_frames=True) as stream:
                     while chunk := stream.read(CHUNK):
@@ -561,12 +557,25 @@ class _Applier:
         self.pos = current.size
 
 
-def _small_content(frame: bytearray) -> bool:
-    """True if ``frame`` starts with a zstd frame whose header declares <= _ONE_SHOT bytes."""
+def _one_shot(dctx: zstandard.ZstdDecompressor, frame: bytearray) -> bytes | None:
+    """Decode a small single frame in one call, or None to leave it to the stream reader.
+
+    A layer delta can hold thousands of small op-5 frames: one call straight into a result
+    buffer saves the stream's window buffer and 1 MiB reads on each. Memory stays bounded by
+    _ONE_SHOT: a frame that declares more, or that has no declared size (podman-delta's own)
+    and holds more than its window, goes to the stream reader, which also reports corruption.
+    """
     if frame[:4] != _ZSTD_MAGIC:  # a skippable frame first: leave it to the stream reader
-        return False
-    size = zstandard.get_frame_parameters(frame).content_size
-    return size <= _ONE_SHOT  # CONTENTSIZE_UNKNOWN is 2**64 - 1
+        return None
+    params = zstandard.get_frame_parameters(frame)
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN:
+        return dctx.decompress(frame) if params.content_size <= _ONE_SHOT else None
+    if params.window_size > _ONE_SHOT:
+        return None
+    try:  # podman-delta's frames have a window at least as large as their content
+        return dctx.decompress(frame, max_output_size=params.window_size)
+    except zstandard.ZstdError:
+        return None
 
 
 def apply(
