@@ -24,8 +24,9 @@ tar-patch v0.1.2. ``tardf2`` also allows op 5. ``auto`` (the default) allows op 
 where it beats every op 0-4 encoding of that file, and writes a ``tardf1`` delta whenever no op 5
 ended up in the stream (the magic is fixed up afterwards), so the result is the delta every
 applier accepts whenever op 5 does not pay. The per-file choice is an estimate: on the benchmark
-corpus op 5 saved 1-2 % on an OS security update and a Python app update, and cost 0.5 % on an
-OS major update (where ``--format tardf1`` is the better choice).
+corpus op 5 saved 1.3-1.6 % on an OS security update and a Python app update, and cost 0.3 % on
+an OS major update (where ``--format tardf1`` is the better choice). The frames that go into the
+delta keep their literals raw (:mod:`.rawframe`), so the op stream's compressor sees them.
 
 Work runs in a thread pool (bsdiff4 and zstandard release the GIL); results are written in tar
 order with a bounded look-ahead, and bsdiff jobs reserve memory from a budget so peak RSS stays
