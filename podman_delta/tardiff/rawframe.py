@@ -34,41 +34,34 @@ _DLM_BY_REF = 1
 _DCT_RAW_CONTENT = 1
 
 
+def _typed(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> None:
+    """Declare a libzstd function's C signature, so ctypes passes sizes and pointers right."""
+    func = getattr(lib, name)
+    func.restype = restype
+    func.argtypes = list(argtypes)
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     """The system libzstd with the few functions used here typed, or None."""
     name = ctypes.util.find_library("zstd")
     if name is None:
         return None
+    ptr, size, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
     try:
         lib = ctypes.CDLL(name)
-        lib.ZSTD_versionNumber.restype = ctypes.c_uint
+        _typed(lib, "ZSTD_versionNumber", ctypes.c_uint)
         if lib.ZSTD_versionNumber() < 10400:  # the parameter numbers above need 1.4
             return None
-        lib.ZSTD_createCCtx.restype = ctypes.c_void_p
-        lib.ZSTD_freeCCtx.argtypes = [ctypes.c_void_p]
-        lib.ZSTD_CCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-        lib.ZSTD_CCtx_setParameter.restype = ctypes.c_size_t
-        lib.ZSTD_CCtx_loadDictionary_advanced.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        lib.ZSTD_CCtx_loadDictionary_advanced.restype = ctypes.c_size_t
-        lib.ZSTD_compress2.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-        ]
-        lib.ZSTD_compress2.restype = ctypes.c_size_t
-        lib.ZSTD_compressBound.argtypes = [ctypes.c_size_t]
-        lib.ZSTD_compressBound.restype = ctypes.c_size_t
-        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
-        lib.ZSTD_isError.restype = ctypes.c_uint
+        _typed(lib, "ZSTD_createCCtx", ptr)
+        _typed(lib, "ZSTD_freeCCtx", size, ptr)
+        _typed(lib, "ZSTD_CCtx_setParameter", size, ptr, c_int, c_int)
+        _typed(
+            lib, "ZSTD_CCtx_loadDictionary_advanced", size, ptr, ctypes.c_char_p, size, c_int, c_int
+        )
+        _typed(lib, "ZSTD_compress2", size, ptr, ptr, size, ctypes.c_char_p, size)
+        _typed(lib, "ZSTD_compressBound", size, size)
+        _typed(lib, "ZSTD_isError", ctypes.c_uint, size)
     except (OSError, AttributeError) as exc:
         log.debug("libzstd unusable (%s): op-5 frames keep compressed literals", exc)
         return None
