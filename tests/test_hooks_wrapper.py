@@ -412,9 +412,9 @@ def test_interrupt_stops_everything(h: Harness, hooks_registry: Registry) -> Non
         time.sleep(0.05)
     [call] = h.calls()
     # Signal the wrapper once it sleeps in `wait`, where a user's Ctrl-C during a pre-pull finds
-    # it. Once, in a loaded full run, a SIGINT sent the moment the stub's log line appeared left
-    # the wrapper running past 20 s (not reproduced in 300 tries since); if that happens again,
-    # the failure shows the process tree.
+    # it. Once, in a full run, a SIGINT sent the moment the stub's log line appeared left
+    # the wrapper running past 20 s (not reproduced in 20 runs since, under CPU load too); if it
+    # happens again, the failure shows the process tree.
     deadline = time.monotonic() + 10
     while state(proc.pid) != "S" and time.monotonic() < deadline:
         time.sleep(0.02)
