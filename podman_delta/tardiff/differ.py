@@ -473,14 +473,20 @@ class _Differ:
         return found
 
     def _final_zdict(self, ops: OpList, new: bytes) -> tuple[str, OpList] | None:
-        """Redo the chosen dictionary frame at the real level (keep the smaller of the two)."""
+        """Redo the chosen dictionary frame at the real level, with raw literals (:mod:`.rawframe`).
+
+        A raw-literal frame is longer than the estimate by design (the op stream compresses its
+        literals), so it is always kept; without libzstd the frame is a normal one, kept only
+        when the real level made it smaller than the estimate.
+        """
         source, estimate = ops[-1][3], ops[-1][1]
         if len(estimate) <= 64:  # already tiny: a better level cannot gain anything
             return "zstd_dict", ops
         # Dictionary loading runs at about 1 MB/s at level 19: cap the level for huge files.
         level = self.options.level if len(new) <= 8 << 20 else min(self.options.level, 12)
-        frame = self._zdict_frame(source, new, level, raw_literals=True)
-        if frame is None:
+        raw = rawframe.available()
+        frame = self._zdict_frame(source, new, level, raw_literals=raw)
+        if frame is None or (not raw and len(frame) >= len(estimate)):
             frame = estimate
         return "zstd_dict", [("open", source.name), ("zdict", frame, source.size)]
 
