@@ -50,10 +50,6 @@ class Op(enum.IntEnum):
     ZSTD_DICT = 5
 
 
-#: Ops whose ``size`` is followed by that many payload bytes.
-PAYLOAD_OPS = frozenset({Op.DATA, Op.OPEN, Op.ADD, Op.ZSTD_DICT})
-
-
 def encode_varint(value: int) -> bytes:
     """Encode an unsigned LEB128 varint (Go ``binary.PutUvarint``)."""
     if value < 0 or value >= 1 << 64:
