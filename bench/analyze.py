@@ -135,11 +135,13 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
                 pos += rec.size
             elif rec.op is Op.DATA:
                 data = reader.read_payload()
-                # Collect header bytes for a global compressed estimate.
                 i = bisect.bisect_right(starts, pos) - 1
                 _charge(members, starts, pos, rec.size, "data", data, source)
-                _collect_headers(members, starts, i, pos, data, headers_blob)
-                _split_data(members, starts, i, pos, data, structure, content)
+                for header, body, rest in _member_pieces(members, starts, i, pos, data):
+                    headers_blob += header  # for a global compressed estimate
+                    structure += header
+                    content += body
+                    structure += rest
                 pos += rec.size
             elif rec.op is Op.ADD:
                 data = reader.read_payload()
@@ -173,35 +175,26 @@ def analyze(delta: Path, new_tar: Path) -> tuple[list[Member], dict]:
     return members, stats
 
 
-def _split_data(members, starts, i, pos, data, structure, content) -> None:
-    """Append a DATA payload's bytes to ``content`` inside regular files' contents, else to
-    ``structure`` (headers, PAX records, padding, end-of-archive blocks)."""
-    end = pos + len(data)
-    base = pos
-    while pos < end:
-        e = members[i].entry if i < len(members) else None
-        nxt = starts[i + 1] if i + 1 < len(starts) else end
-        lo = hi = min(end, nxt)
-        if e is not None and e.is_regular:
-            lo = max(pos, min(end, e.data_offset))
-            hi = max(lo, min(end, e.data_offset + e.size))
-        structure += data[pos - base : lo - base]
-        content += data[lo - base : hi - base]
-        structure += data[hi - base : min(end, nxt) - base]
-        pos = min(end, nxt)
-        i += 1
+def _member_pieces(members, starts, i, pos, data):
+    """Cut a DATA payload written at ``pos`` (inside member ``i``) at new-tar member bounds.
 
-
-def _collect_headers(members, starts, i, pos, data, blob) -> None:
-    end = pos + len(data)
+    Yields, per member it covers, (header, body, rest) slices of ``data``: the bytes before the
+    member's content (its header blocks and PAX records; all of the end-of-archive tail), those
+    inside a regular file's content, and those after it (padding; everything after the header
+    of a non-regular member).
+    """
+    base, end = pos, pos + len(data)
     while pos < end and i < len(members):
         e = members[i].entry
-        nxt = starts[i + 1] if i + 1 < len(starts) else end
-        hdr_end = e.data_offset if e is not None else nxt
-        lo, hi = pos, min(end, hdr_end)
-        if hi > lo:
-            blob += data[lo - (end - len(data)) : hi - (end - len(data))]
-        pos = min(end, nxt)
+        nxt = min(end, starts[i + 1] if i + 1 < len(starts) else end)
+        if e is None:
+            lo = hi = nxt
+        else:
+            lo = max(pos, min(nxt, e.data_offset))
+            hi = max(lo, min(nxt, e.data_offset + e.size)) if e.is_regular else lo
+        lo, hi, stop = lo - base, hi - base, nxt - base
+        yield data[pos - base : lo], data[lo:hi], data[hi:stop]
+        pos = nxt
         i += 1
 
 
