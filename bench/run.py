@@ -460,12 +460,7 @@ def run_ours(pair: Pair, helps: dict[str, str | None], args: argparse.Namespace)
     patch = None
     digest_flag = "--digest" in (helps["patch"] or "")
     if delta.exists() and diff["rc"] in (0, 6) and helps["patch"] is not None:
-        root = old_root(pair)
-        warm(delta)
-        extra = ["--digest", f"sha256:{pair.new_sha}"] if digest_flag else []
-        patch = measure(
-            ours_cmd("patch", *extra, str(delta), str(root), str(out)), env=ours_env(), cwd=REPO
-        )
+        patch = ours_patch(pair, delta, out, digest=digest_flag)
     row = _delta_row(pair, diff, delta, patch, out)
     if delta.exists() and "delta_bytes" not in row:
         row["delta_bytes"] = delta.stat().st_size
@@ -488,6 +483,16 @@ def binary_info(path: Path) -> dict:
     return {"path": str(path), "sha256": sha256_file(path), "version": version}
 
 
+def ours_patch(pair: Pair, delta: Path, out: Path, *, digest: bool) -> dict:
+    """podman-delta patch [--digest] DELTA OLD_TREE OUT, on the extracted old.tar."""
+    root = old_root(pair)
+    warm(delta)
+    extra = ["--digest", f"sha256:{pair.new_sha}"] if digest else []
+    return measure(
+        ours_cmd("patch", *extra, str(delta), str(root), str(out)), env=ours_env(), cwd=REPO
+    )
+
+
 def go_patch(pair: Pair, tar_patch: dict, delta: Path, out: Path) -> dict:
     """Go tar-patch DELTA OLD_TREE OUT, on the same extracted old.tar as `podman-delta patch`."""
     root = old_root(pair)
@@ -506,11 +511,7 @@ def run_go_tar_diff(pair: Pair, tar_diff: dict, tar_patch: dict | None) -> dict:
         if tar_patch:
             patch = go_patch(pair, tar_patch, delta, out)
         else:
-            root = old_root(pair)
-            warm(delta)
-            patch = measure(
-                ours_cmd("patch", str(delta), str(root), str(out)), env=ours_env(), cwd=REPO
-            )
+            patch = ours_patch(pair, delta, out, digest=False)
     row = _delta_row(pair, diff, delta, patch, out)
     row["tar_diff"] = tar_diff
     row["patched_by"] = "Go tar-patch" if tar_patch else "podman-delta patch"
@@ -548,9 +549,7 @@ def run_ours_go_patch(pair: Pair, tar_patch: dict, args: argparse.Namespace) -> 
         row["note"] = "same delta as the podman-delta diff row (auto wrote tardf1)"
     # The same delta through our patcher, right after Go's: the two appliers on equal input.
     ours_out = pair.work / "ours-tardf1.out.tar"
-    digest = f"sha256:{pair.new_sha}"
-    cmd = ours_cmd("patch", "--digest", digest, str(delta), str(old_root(pair)), str(ours_out))
-    ours = measure(cmd, env=ours_env(), cwd=REPO)
+    ours = ours_patch(pair, delta, ours_out, digest=True)
     row["ours_row"] = {
         "diff": None,
         "delta_bytes": row["delta_bytes"],
